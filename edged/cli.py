@@ -1,0 +1,194 @@
+"""`edged` command line: ask, model info, model export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from edged import __version__
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful medical assistant running on a patient's device. Answer briefly and "
+    "plainly. Say when symptoms need a clinician, and never replace emergency care."
+)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="edged model directory")
+    parser.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
+    parser.add_argument("--context", type=int, default=2048, help="KV cache size in tokens")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the sha256 check of the model files")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edged", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer one question on the terminal, streaming")
+    _add_engine_arguments(ask)
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt")
+    ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ask.add_argument("--top-k", type=int, default=0)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--repetition-penalty", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ask.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                     help="let a thinking model reason first (default: the template's default)")
+    ask.add_argument("--reasoning-budget", type=int, default=None,
+                     help="max tokens inside <think>…</think>")
+    ask.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+
+    model = sub.add_parser("model", help="model directories: info, export")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    info = model_sub.add_parser("info", help="print a model directory's manifest and layout")
+    info.add_argument("model_dir", type=Path)
+    info.add_argument("--json", action="store_true")
+    export = model_sub.add_parser("export", help="Hugging Face checkpoint -> edged model directory")
+    try:
+        from edged.export.cli import add_export_arguments
+    except ImportError:  # the export module is optional at runtime
+        export.add_argument("args", nargs=argparse.REMAINDER)
+    else:
+        add_export_arguments(export)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load_engine(args: argparse.Namespace) -> Any:
+    from edged.engine import Engine, EngineOptions
+
+    return Engine.load(args.model, EngineOptions(threads=args.threads, context_length=args.context,
+                                                 verify_hashes=not args.no_verify))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from edged.engine import GenerationConfig
+
+    engine = _load_engine(args)
+    config = GenerationConfig(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=tuple(args.stop), reasoning_budget=args.reasoning_budget,
+    )
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.question})
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = engine.chat(messages, config, enable_thinking=args.think, on_text=show)
+    sys.stdout.write("\n")
+    t = result.timing
+    print(
+        f"[{result.finish_reason}] prompt {result.prompt_tokens} tok, answer "
+        f"{result.completion_tokens} tok, first token {t.first_token_ms or 0:.0f} ms, "
+        f"decode {t.decode_tps or 0:.1f} tok/s, {engine.threads} threads",
+        file=sys.stderr,
+    )
+    if args.json:
+        print(json.dumps({
+            "text": result.text, "reasoning": result.reasoning,
+            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "timing_ms": {"first_token": t.first_token_ms, "total": t.total_ms},
+        }, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from edged.engine import Engine, EngineOptions
+    from edged.engine.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(args.model_dir)
+    sizes = {rel: (args.model_dir / rel).stat().st_size for rel in manifest.files
+             if (args.model_dir / rel).is_file()}
+    try:
+        verify_files(args.model_dir, manifest)
+        integrity = "ok: every file matches its sha256"
+    except Exception as exc:
+        integrity = f"FAILED: {exc}"
+    engine = Engine.load(args.model_dir, EngineOptions(threads=1, verify_hashes=False))
+    info = {
+        "manifest": manifest.to_json(),
+        "size_mb": round(sum(sizes.values()) / 2**20, 2),
+        "integrity": integrity,
+        "graph": engine.layout.describe(),
+        "kv_bytes_per_token": engine.layout.kv_bytes_per_token(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    m = manifest
+    q = m.quantization
+    print(f"name:          {m.name}")
+    print(f"source:        {m.source}")
+    print(f"architecture:  {m.architecture} (exporter: {m.exporter})")
+    print(f"quantization:  {q.method}" + (
+        f" (block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
+        f"accuracy_level {q.accuracy_level}, lm_head {q.lm_head}, embedding {q.embedding})"
+        if q.method == "int4" else ""))
+    print(f"context:       {m.context_length} tokens; eos ids {list(m.eos_token_ids)}")
+    print(f"reasoning:     {m.reasoning.start}…{m.reasoning.end}" if m.reasoning else
+          "reasoning:     none")
+    layout = engine.layout.describe()
+    print("graph:         " + ", ".join(f"{k} {v}" for k, v in layout.items()))
+    print(f"KV cache:      {engine.layout.kv_bytes_per_token() / 1024:.1f} KiB per token")
+    for key, value in m.verification.items():
+        print(f"verification:  {key} = {json.dumps(value)}")
+    print(f"tools:         {', '.join(f'{k} {v}' for k, v in m.tools.items())}")
+    print(f"size:          {info['size_mb']} MB in {len(sizes)} files")
+    for rel, size in sorted(sizes.items()):
+        print(f"  {rel:<28} {size / 2**20:9.2f} MB  sha256 {m.files[rel][:16]}…")
+    print(f"integrity:     {integrity}")
+    return EXIT_OK
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    try:
+        from edged.export.cli import run_export
+    except ImportError as exc:
+        print(f"edged: model export needs the export extra: pip install 'edged[export]' ({exc})",
+              file=sys.stderr)
+        return EXIT_FAIL
+    return int(run_export(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from edged.engine import ContextFullError, ModelDirError
+
+    handlers = {
+        "ask": cmd_ask,
+        "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[
+            a.model_command](a),
+    }
+    try:
+        return int(handlers[args.command](args))
+    except (ModelDirError, ContextFullError, ValueError) as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

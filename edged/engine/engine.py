@@ -1,0 +1,209 @@
+"""`Engine`: one loaded edged model directory, ready to answer.
+
+Loading checks the manifest hashes, opens one onnxruntime session with options chosen for small
+CPUs, reads the graph layout by name and preallocates the KV cache for `context_length` tokens.
+One generation runs at a time (a lock enforces it); the board has too few cores for two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from edged.engine.generate import (
+    GenerationConfig,
+    GenerationResult,
+    PrefixEntry,
+    StepHook,
+    StopCheck,
+    TextCallback,
+    run_generation,
+)
+from edged.engine.graph import GraphLayout, inspect_graph
+from edged.engine.manifest import ModelDirError, ModelManifest, load_manifest
+from edged.engine.runner import make_runner
+from edged.engine.tokenizer import ChatTokenizer, Message
+
+log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity and cpusets, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    threads: int = 0
+    """Intra-op threads; 0 = every usable core."""
+    context_length: int = 2048
+    """KV cache capacity in tokens (prompt + answer); capped by the model's own context.
+    The cache is preallocated, so this bounds the engine's memory."""
+    prefill_chunk: int = 512
+    """Prompt tokens per forward pass; bounds prefill activation memory."""
+    verify_hashes: bool = True
+    """Refuse a model whose files do not match the manifest's sha256."""
+    spin: bool | None = None
+    """Let idle worker threads spin; None = only when threads use every core, since spinning
+    steals the cycles other processes (the MQTT thread, the broker) need."""
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads = {self.threads} must be >= 0 (0 = all cores)")
+        if self.context_length < 16:
+            raise ValueError(f"context_length = {self.context_length} must be >= 16")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk = {self.prefill_chunk} must be >= 1")
+
+
+def session_options(threads: int, spin: bool) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # One op at a time: parallelism inside ops is all a 2-6 core board can use.
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+class Engine:
+    def __init__(self, model_dir: Path, manifest: ModelManifest, tokenizer: ChatTokenizer,
+                 session: ort.InferenceSession, layout: GraphLayout, options: EngineOptions,
+                 threads: int) -> None:
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.session = session
+        self.layout = layout
+        self.options = options
+        self.threads = threads
+        self.context_length = min(options.context_length, manifest.context_length)
+        self._runner = make_runner(session, layout, self.context_length)
+        self._lock = threading.Lock()
+        self._prefix: PrefixEntry | None = None
+        self.eos_ids = frozenset(manifest.eos_token_ids)
+        reasoning = manifest.reasoning
+        self.think_ids: tuple[int | None, int | None] = (
+            (tokenizer.token_id(reasoning.start), tokenizer.token_id(reasoning.end))
+            if reasoning else (None, None)
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path, options: EngineOptions | None = None) -> Engine:
+        options = options or EngineOptions()
+        model_dir = Path(model_dir)
+        started = time.perf_counter()
+        manifest = load_manifest(model_dir, verify=options.verify_hashes)
+        tokenizer = ChatTokenizer.from_dir(model_dir)
+        cores = usable_cores()
+        threads = options.threads or cores
+        spin = options.spin if options.spin is not None else threads >= cores
+        graph = model_dir / manifest.graph_file
+        try:
+            session = ort.InferenceSession(
+                str(graph), sess_options=session_options(threads, spin),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelDirError(f"{graph}: onnxruntime cannot load the graph: {exc}") from exc
+        layout = inspect_graph(session, manifest, model_dir)
+        engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
+        log.info(
+            "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
+            manifest.name, time.perf_counter() - started, layout.kind, layout.num_layers,
+            threads, engine.context_length,
+        )
+        return engine
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Message], enable_thinking: bool | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        kwargs: dict[str, Any] = {}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        text = self.tokenizer.render(messages, add_generation_prompt=add_generation_prompt,
+                                     **kwargs)
+        return self.tokenizer.encode(text)
+
+    # -- prefix cache ----------------------------------------------------------------------
+
+    def cache_prefix(self, token_ids: Sequence[int]) -> None:
+        """Compute the KV of `token_ids` once; later prompts that start with them reuse it."""
+        ids = tuple(token_ids)
+        if not ids:
+            self.clear_prefix_cache()
+            return
+        with self._lock:
+            runner = self._runner
+            runner.reset()
+            for start in range(0, len(ids), self.options.prefill_chunk):
+                runner.forward(ids[start : start + self.options.prefill_chunk])
+            self._prefix = PrefixEntry(ids, runner.snapshot())
+        log.debug("prefix cache holds %d tokens", len(ids))
+
+    def set_system_prompt(self, text: str) -> int:
+        """Cache the prompt prefix that every chat with this system message starts with.
+
+        Returns the number of cached tokens. The template's rendering of the system turn alone
+        is the prefix; a template that renders it differently in a longer conversation simply
+        gets no cache hit (checked per request), never a wrong answer.
+        """
+        ids = self.render_chat([{"role": "system", "content": text}], add_generation_prompt=False)
+        self.cache_prefix(ids)
+        return len(ids)
+
+    def clear_prefix_cache(self) -> None:
+        with self._lock:
+            self._prefix = None
+
+    @property
+    def cached_prefix_tokens(self) -> int:
+        return len(self._prefix.token_ids) if self._prefix else 0
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, *,
+                 on_text: TextCallback | None = None, stop_check: StopCheck | None = None,
+                 between_steps: StepHook | None = None) -> GenerationResult:
+        """Generate from token ids. `on_text` gets answer deltas (never reasoning);
+        `stop_check` is polled every token and returns a finish reason to stop;
+        `between_steps` runs between decode steps (the governor's pause point)."""
+        with self._lock:
+            return run_generation(
+                self._runner, self.tokenizer, prompt_ids, config or GenerationConfig(),
+                eos_ids=self.eos_ids, think_ids=self.think_ids, prefix=self._prefix,
+                prefill_chunk=self.options.prefill_chunk, on_text=on_text,
+                stop_check=stop_check, between_steps=between_steps,
+            )
+
+    def chat(self, messages: Sequence[Message], config: GenerationConfig | None = None, *,
+             enable_thinking: bool | None = None, on_text: TextCallback | None = None,
+             stop_check: StopCheck | None = None,
+             between_steps: StepHook | None = None) -> GenerationResult:
+        ids = self.render_chat(messages, enable_thinking=enable_thinking)
+        return self.generate(ids, config, on_text=on_text, stop_check=stop_check,
+                             between_steps=between_steps)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.manifest.name,
+            "threads": self.threads,
+            "context_length": self.context_length,
+            "kv_cache_mb": round(self.layout.kv_bytes_per_token() * self.context_length / 2**20, 1),
+            **self.layout.describe(),
+        }

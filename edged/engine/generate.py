@@ -1,0 +1,253 @@
+"""The decode loop: prefill, then one token at a time until EOS, a stop string, the token cap,
+or the caller says stop.
+
+Everything stateful (session, KV cache) lives in the runner; this module owns the order of
+events within one generation and what the caller sees: answer text deltas (never the
+reasoning block), a finish reason and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edged.engine.runner import ContextFullError, GrowingKVRunner, KVSnapshot, SharedKVRunner
+from edged.engine.sampling import SamplingParams, select_token
+from edged.engine.text import ReasoningState, find_stop, holdback
+from edged.engine.tokenizer import ChatTokenizer, IncrementalDecoder
+
+TextCallback = Callable[[str], None]
+StopCheck = Callable[[], "str | None"]
+StepHook = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    """Seed of the sampler; None draws fresh entropy. Unused when greedy."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the answer; the stop string itself is not returned."""
+    ignore_eos: bool = False
+    """Keep generating past EOS (benchmarks only)."""
+    reasoning_budget: int | None = None
+    """Tokens a thinking model may spend inside <think>…</think> before the block is closed
+    for it and it must answer; None = unlimited, 0 = close the block at once."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
+        if self.reasoning_budget is not None and self.reasoning_budget < 0:
+            raise ValueError(f"reasoning_budget = {self.reasoning_budget} must be >= 0")
+        self.sampling  # validates the sampling fields
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+@dataclass(frozen=True)
+class Timing:
+    prefill_ms: float
+    first_token_ms: float | None
+    total_ms: float
+    prefill_tps: float | None
+    """Prompt tokens per second actually computed (cached ones excluded)."""
+    decode_tps: float | None
+    """Tokens per second after the first one."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    """The answer: reasoning block stripped, stop string cut, leading whitespace removed."""
+    reasoning: str
+    finish_reason: str
+    """`stop`, `length`, or what the caller's stop check returned (`cancelled`, `deadline`)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    token_ids: tuple[int, ...] = field(repr=False)
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    token_ids: tuple[int, ...]
+    kv: KVSnapshot
+
+
+class _AnswerStream:
+    """Answer text as the client sees it: leading whitespace dropped, stop strings held back."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stops: tuple[str, ...],
+                 on_text: TextCallback | None) -> None:
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stops = stops
+        self._on_text = on_text
+        self._raw = ""
+        self._emitted = 0
+        self.stopped = False
+
+    @property
+    def visible(self) -> str:
+        return self._raw.lstrip()
+
+    def push(self, token_id: int) -> None:
+        self._add(self._decoder.push(token_id), final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._add(self._decoder.flush(), final=True)
+        return self.visible
+
+    def _add(self, piece: str, final: bool) -> None:
+        self._raw += piece
+        text = self.visible
+        cut = find_stop(text, self._stops)
+        if cut is not None:
+            self._raw, self.stopped = text[:cut], True
+            text, final = self._raw, True
+        safe = len(text) if final else len(text) - holdback(text, self._stops)
+        if safe > self._emitted:
+            if self._on_text is not None:
+                self._on_text(text[self._emitted:safe])
+            self._emitted = safe
+
+
+def run_generation(
+    runner: GrowingKVRunner | SharedKVRunner,
+    tokenizer: ChatTokenizer,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    *,
+    eos_ids: frozenset[int],
+    think_ids: tuple[int | None, int | None],
+    prefix: PrefixEntry | None,
+    prefill_chunk: int,
+    on_text: TextCallback | None = None,
+    stop_check: StopCheck | None = None,
+    between_steps: StepHook | None = None,
+) -> GenerationResult:
+    started = time.perf_counter()
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    runner.reset()
+    cached = 0
+    if prefix is not None and len(prompt) > len(prefix.token_ids) and tuple(
+        prompt[: len(prefix.token_ids)]
+    ) == prefix.token_ids:
+        runner.restore(prefix.kv)
+        cached = len(prefix.token_ids)
+    if len(prompt) >= runner.capacity:
+        raise ContextFullError(
+            f"prompt of {len(prompt)} tokens leaves no room to answer within context_length = "
+            f"{runner.capacity}"
+        )
+
+    reason = stop_check() if stop_check else None
+    if reason is not None:
+        return _result("", "", reason, prompt, cached, [], started, started, None, None)
+
+    logits = _prefill(runner, prompt[cached:], prefill_chunk)
+    prefill_end = time.perf_counter()
+
+    sampling = config.sampling
+    rng = np.random.default_rng(config.seed)
+    context = list(prompt)
+    reasoning = ReasoningState.after_prompt(prompt, *think_ids, config.reasoning_budget)
+    close_block = _close_block_ids(tokenizer, think_ids[1])
+    forced: list[int] = []
+    answer = _AnswerStream(tokenizer, config.stop, on_text)
+    reasoning_ids: list[int] = []
+    generated: list[int] = []
+    max_new = min(config.max_new_tokens, runner.capacity - len(prompt))
+    finish = "length"
+    first_token_at: float | None = None
+
+    while True:
+        token = forced.pop(0) if forced else select_token(logits, sampling, rng, context)
+        generated.append(token)
+        context.append(token)
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        if token in eos_ids and not config.ignore_eos:
+            finish = "stop"
+            break
+        was_inside = reasoning.inside
+        reasoning.observe(token)
+        if was_inside or reasoning.inside:
+            if reasoning.inside and was_inside:
+                reasoning_ids.append(token)
+            if reasoning.over_budget and not forced:
+                forced = list(close_block)
+        else:
+            answer.push(token)
+            if answer.stopped:
+                finish = "stop"
+                break
+        if len(generated) >= max_new:
+            break
+        reason = stop_check() if stop_check else None
+        if reason is not None:
+            finish = reason
+            break
+        if between_steps is not None:
+            between_steps(len(generated))
+        logits = runner.forward([token])
+
+    text = answer.finish()
+    reasoning_text = tokenizer.decode(reasoning_ids).strip()
+    return _result(text, reasoning_text, finish, prompt, cached, generated, started,
+                   prefill_end, first_token_at, time.perf_counter())
+
+
+def _prefill(runner: GrowingKVRunner | SharedKVRunner, ids: list[int],
+             chunk: int) -> np.ndarray:
+    # Chunking bounds the attention activations of a long prompt (they grow with n^2).
+    logits = None
+    for start in range(0, len(ids), chunk):
+        logits = runner.forward(ids[start : start + chunk])
+    assert logits is not None
+    return logits
+
+
+def _close_block_ids(tokenizer: ChatTokenizer, end_id: int | None) -> list[int]:
+    """Tokens that end a reasoning block the way thinking models write it: newline, tag, blank."""
+    if end_id is None:
+        return []
+    return [*tokenizer.encode("\n"), end_id, *tokenizer.encode("\n\n")]
+
+
+def _result(text: str, reasoning: str, finish: str, prompt: list[int], cached: int,
+            generated: list[int], started: float, prefill_end: float,
+            first_token_at: float | None, ended: float | None) -> GenerationResult:
+    ended = ended if ended is not None else time.perf_counter()
+    prefill_s = prefill_end - started
+    computed = len(prompt) - cached
+    decode_s = ended - first_token_at if first_token_at is not None else 0.0
+    return GenerationResult(
+        text=text,
+        reasoning=reasoning,
+        finish_reason=finish,
+        prompt_tokens=len(prompt),
+        completion_tokens=len(generated),
+        cached_tokens=cached,
+        token_ids=tuple(generated),
+        timing=Timing(
+            prefill_ms=prefill_s * 1000,
+            first_token_ms=(first_token_at - started) * 1000 if first_token_at else None,
+            total_ms=(ended - started) * 1000,
+            prefill_tps=computed / prefill_s if computed and prefill_s > 0 else None,
+            decode_tps=(len(generated) - 1) / decode_s
+            if len(generated) > 1 and decode_s > 0 else None,
+        ),
+    )

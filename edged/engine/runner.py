@@ -1,0 +1,171 @@
+"""Drive one onnxruntime session step by step, owning its KV cache.
+
+Both runners use IO binding so that the KV cache never round-trips through numpy between steps:
+the growing runner feeds the previous step's present OrtValues straight back as past; the shared
+runner binds one preallocated buffer per layer as both past and present, so decode allocates
+nothing per token but the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from edged.engine.graph import GraphLayout
+
+
+class ContextFullError(Exception):
+    """The KV cache cannot hold more tokens."""
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """The KV cache after some prefix of tokens, reusable by later requests."""
+
+    length: int
+    values: tuple[object, ...]
+    """Per past name: an OrtValue (growing runner) or a numpy array (shared runner)."""
+
+
+def _ortvalue(array: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+class _RunnerBase:
+    def __init__(self, session: ort.InferenceSession, layout: GraphLayout, capacity: int) -> None:
+        self.session = session
+        self.layout = layout
+        self.capacity = capacity
+        self.length = 0
+        self._io = session.io_binding()
+        # Slices of these are the attention mask and position ids of every step: no allocation.
+        self._mask = np.ones((1, capacity), dtype=layout.mask_dtype)
+        self._positions = np.arange(capacity, dtype=np.int64)[None, :]
+
+    def _check_room(self, n: int) -> None:
+        if n <= 0:
+            raise ValueError("forward() needs at least one token")
+        if self.length + n > self.capacity:
+            raise ContextFullError(
+                f"context holds {self.length} tokens; {n} more exceed context_length = "
+                f"{self.capacity}"
+            )
+
+    def _bind_step_inputs(self, ids: Sequence[int]) -> None:
+        n = len(ids)
+        io, layout = self._io, self.layout
+        io.bind_cpu_input("input_ids", np.asarray(ids, dtype=layout.ids_dtype).reshape(1, n))
+        io.bind_cpu_input("attention_mask", self._mask[:, : self.length + n])
+        if layout.has_position_ids:
+            io.bind_cpu_input("position_ids", self._positions[:, self.length : self.length + n])
+
+    @staticmethod
+    def _last_logits(value: ort.OrtValue) -> np.ndarray:
+        logits = value.numpy()
+        return np.asarray(logits[0, -1], dtype=np.float32)
+
+
+class GrowingKVRunner(_RunnerBase):
+    """Graphs whose present is past plus the new positions (optimum layout)."""
+
+    def __init__(self, session: ort.InferenceSession, layout: GraphLayout, capacity: int) -> None:
+        super().__init__(session, layout, capacity)
+        shape = (1, layout.kv_heads, 0, layout.head_dim)
+        self._empty = _ortvalue(np.zeros(shape, dtype=layout.kv_dtype))
+        self._past: list[ort.OrtValue] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self._past = [self._empty] * len(self.layout.past_names)
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        self._check_room(len(ids))
+        io, layout = self._io, self.layout
+        self._bind_step_inputs(ids)
+        for name, value in zip(layout.past_names, self._past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output(layout.logits_name, "cpu")
+        for name in layout.present_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        self._past = list(outputs[1:])
+        self.length += len(ids)
+        return self._last_logits(outputs[0])
+
+    def snapshot(self) -> KVSnapshot:
+        # onnxruntime never writes into inputs, so the present OrtValues can be shared as is.
+        return KVSnapshot(self.length, tuple(self._past))
+
+    def restore(self, snapshot: KVSnapshot) -> None:
+        self.length = snapshot.length
+        self._past = list(snapshot.values)  # type: ignore[arg-type]
+
+
+class SharedKVRunner(_RunnerBase):
+    """GroupQueryAttention graphs with one in-place past/present buffer per layer."""
+
+    def __init__(self, session: ort.InferenceSession, layout: GraphLayout, capacity: int) -> None:
+        super().__init__(session, layout, capacity)
+        shape = (1, layout.kv_heads, capacity, layout.head_dim)
+        self._buffers = [np.zeros(shape, dtype=layout.kv_dtype) for _ in layout.past_names]
+        self._values = [_ortvalue(buf) for buf in self._buffers]
+        logits_info = next(o for o in session.get_outputs() if o.name == layout.logits_name)
+        vocab = logits_info.shape[-1]
+        # The decode step's logits go to one reused buffer when the vocabulary size is static.
+        self._step_logits: np.ndarray | None = None
+        if isinstance(vocab, int) and logits_info.type == "tensor(float)":
+            self._step_logits = np.zeros((1, 1, vocab), dtype=np.float32)
+            self._step_logits_value = _ortvalue(self._step_logits)
+        for past, present, value in zip(layout.past_names, layout.present_names, self._values):
+            self._io.bind_ortvalue_input(past, value)
+            self._io.bind_ortvalue_output(present, value)
+        # The snapshot whose positions the buffers still hold: generation after a restore only
+        # writes beyond the prefix, so restoring the same snapshot again needs no copy.
+        self._resident: KVSnapshot | None = None
+
+    def reset(self) -> None:
+        # Stale positions beyond `length` are never read: the mask bounds attention.
+        self.length = 0
+        self._resident = None
+
+    def forward(self, ids: Sequence[int]) -> np.ndarray:
+        self._check_room(len(ids))
+        io = self._io
+        self._bind_step_inputs(ids)
+        step_buffer = self._step_logits if len(ids) == 1 else None
+        if step_buffer is not None:
+            io.bind_ortvalue_output(self.layout.logits_name, self._step_logits_value)
+        else:
+            io.bind_output(self.layout.logits_name, "cpu")
+        self.session.run_with_iobinding(io)
+        self.length += len(ids)
+        if step_buffer is not None:
+            return step_buffer[0, -1].copy()
+        # Presents were bound first, logits last: a rebinding keeps its place.
+        return self._last_logits(io.get_outputs()[-1])
+
+    def snapshot(self) -> KVSnapshot:
+        n = self.length
+        snap = KVSnapshot(n, tuple(buf[:, :, :n, :].copy() for buf in self._buffers))
+        self._resident = snap
+        return snap
+
+    def restore(self, snapshot: KVSnapshot) -> None:
+        n = snapshot.length
+        if snapshot is not self._resident:
+            for buf, saved in zip(self._buffers, snapshot.values):
+                buf[:, :, :n, :] = saved  # type: ignore[index]
+            self._resident = snapshot
+        self.length = n
+
+
+def make_runner(session: ort.InferenceSession, layout: GraphLayout,
+                capacity: int) -> GrowingKVRunner | SharedKVRunner:
+    if layout.shared_kv_buffer:
+        return SharedKVRunner(session, layout, capacity)
+    return GrowingKVRunner(session, layout, capacity)
