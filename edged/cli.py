@@ -22,15 +22,17 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="edged model directory")
     parser.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
     parser.add_argument("--context", type=int, default=2048, help="KV cache size in tokens")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the sha256 check of the model files")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the model files"
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     ask = sub.add_parser("ask", help="answer one question on the terminal, streaming")
@@ -44,10 +46,15 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--repetition-penalty", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)
     ask.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    ask.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
-                     help="let a thinking model reason first (default: the template's default)")
-    ask.add_argument("--reasoning-budget", type=int, default=None,
-                     help="max tokens inside <think>…</think>")
+    ask.add_argument(
+        "--think",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let a thinking model reason first (default: the template's default)",
+    )
+    ask.add_argument(
+        "--reasoning-budget", type=int, default=None, help="max tokens inside <think>…</think>"
+    )
     ask.add_argument("--json", action="store_true", help="print the result as JSON at the end")
 
     model = sub.add_parser("model", help="model directories: info, export")
@@ -73,8 +80,12 @@ def _setup_logging(verbosity: int) -> None:
 def _load_engine(args: argparse.Namespace) -> Any:
     from edged.engine import Engine, EngineOptions
 
-    return Engine.load(args.model, EngineOptions(threads=args.threads, context_length=args.context,
-                                                 verify_hashes=not args.no_verify))
+    return Engine.load(
+        args.model,
+        EngineOptions(
+            threads=args.threads, context_length=args.context, verify_hashes=not args.no_verify
+        ),
+    )
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -82,9 +93,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     engine = _load_engine(args)
     config = GenerationConfig(
-        max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=tuple(args.stop), reasoning_budget=args.reasoning_budget,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        reasoning_budget=args.reasoning_budget,
     )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.question})
@@ -103,12 +119,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.json:
-        print(json.dumps({
-            "text": result.text, "reasoning": result.reasoning,
-            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "timing_ms": {"first_token": t.first_token_ms, "total": t.total_ms},
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "reasoning": result.reasoning,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "timing_ms": {"first_token": t.first_token_ms, "total": t.total_ms},
+                },
+                ensure_ascii=False,
+            )
+        )
     return EXIT_OK
 
 
@@ -117,8 +140,11 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     from edged.engine.manifest import read_manifest, verify_files
 
     manifest = read_manifest(args.model_dir)
-    sizes = {rel: (args.model_dir / rel).stat().st_size for rel in manifest.files
-             if (args.model_dir / rel).is_file()}
+    sizes = {
+        rel: (args.model_dir / rel).stat().st_size
+        for rel in manifest.files
+        if (args.model_dir / rel).is_file()
+    }
     try:
         verify_files(args.model_dir, manifest)
         integrity = "ok: every file matches its sha256"
@@ -140,13 +166,21 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     print(f"name:          {m.name}")
     print(f"source:        {m.source}")
     print(f"architecture:  {m.architecture} (exporter: {m.exporter})")
-    print(f"quantization:  {q.method}" + (
-        f" (block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
-        f"accuracy_level {q.accuracy_level}, lm_head {q.lm_head}, embedding {q.embedding})"
-        if q.method == "int4" else ""))
+    print(
+        f"quantization:  {q.method}"
+        + (
+            f" (block {q.block_size}, {'symmetric' if q.symmetric else 'asymmetric'}, "
+            f"accuracy_level {q.accuracy_level}, lm_head {q.lm_head}, embedding {q.embedding})"
+            if q.method == "int4"
+            else ""
+        )
+    )
     print(f"context:       {m.context_length} tokens; eos ids {list(m.eos_token_ids)}")
-    print(f"reasoning:     {m.reasoning.start}…{m.reasoning.end}" if m.reasoning else
-          "reasoning:     none")
+    print(
+        f"reasoning:     {m.reasoning.start}…{m.reasoning.end}"
+        if m.reasoning
+        else "reasoning:     none"
+    )
     layout = engine.layout.describe()
     print("graph:         " + ", ".join(f"{k} {v}" for k, v in layout.items()))
     print(f"KV cache:      {engine.layout.kv_bytes_per_token() / 1024:.1f} KiB per token")
@@ -164,8 +198,10 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     try:
         from edged.export.cli import run_export
     except ImportError as exc:
-        print(f"edged: model export needs the export extra: pip install 'edged[export]' ({exc})",
-              file=sys.stderr)
+        print(
+            f"edged: model export needs the export extra: pip install 'edged[export]' ({exc})",
+            file=sys.stderr,
+        )
         return EXIT_FAIL
     return int(run_export(args))
 
@@ -178,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "ask": cmd_ask,
-        "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[
-            a.model_command](a),
+        "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[a.model_command](a),
     }
     try:
         return int(handlers[args.command](args))

@@ -81,9 +81,16 @@ def session_options(threads: int, spin: bool) -> ort.SessionOptions:
 
 
 class Engine:
-    def __init__(self, model_dir: Path, manifest: ModelManifest, tokenizer: ChatTokenizer,
-                 session: ort.InferenceSession, layout: GraphLayout, options: EngineOptions,
-                 threads: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: ModelManifest,
+        tokenizer: ChatTokenizer,
+        session: ort.InferenceSession,
+        layout: GraphLayout,
+        options: EngineOptions,
+        threads: int,
+    ) -> None:
         self.model_dir = model_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -99,7 +106,8 @@ class Engine:
         reasoning = manifest.reasoning
         self.think_ids: tuple[int | None, int | None] = (
             (tokenizer.token_id(reasoning.start), tokenizer.token_id(reasoning.end))
-            if reasoning else (None, None)
+            if reasoning
+            else (None, None)
         )
 
     @classmethod
@@ -115,7 +123,8 @@ class Engine:
         graph = model_dir / manifest.graph_file
         try:
             session = ort.InferenceSession(
-                str(graph), sess_options=session_options(threads, spin),
+                str(graph),
+                sess_options=session_options(threads, spin),
                 providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -124,20 +133,29 @@ class Engine:
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
-            manifest.name, time.perf_counter() - started, layout.kind, layout.num_layers,
-            threads, engine.context_length,
+            manifest.name,
+            time.perf_counter() - started,
+            layout.kind,
+            layout.num_layers,
+            threads,
+            engine.context_length,
         )
         return engine
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Message], enable_thinking: bool | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        enable_thinking: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
-        text = self.tokenizer.render(messages, add_generation_prompt=add_generation_prompt,
-                                     **kwargs)
+        text = self.tokenizer.render(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
         return self.tokenizer.encode(text)
 
     # -- prefix cache ----------------------------------------------------------------------
@@ -177,27 +195,47 @@ class Engine:
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None, *,
-                 on_text: TextCallback | None = None, stop_check: StopCheck | None = None,
-                 between_steps: StepHook | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        on_text: TextCallback | None = None,
+        stop_check: StopCheck | None = None,
+        between_steps: StepHook | None = None,
+    ) -> GenerationResult:
         """Generate from token ids. `on_text` gets answer deltas (never reasoning);
         `stop_check` is polled every token and returns a finish reason to stop;
         `between_steps` runs between decode steps (the governor's pause point)."""
         with self._lock:
             return run_generation(
-                self._runner, self.tokenizer, prompt_ids, config or GenerationConfig(),
-                eos_ids=self.eos_ids, think_ids=self.think_ids, prefix=self._prefix,
-                prefill_chunk=self.options.prefill_chunk, on_text=on_text,
-                stop_check=stop_check, between_steps=between_steps,
+                self._runner,
+                self.tokenizer,
+                prompt_ids,
+                config or GenerationConfig(),
+                eos_ids=self.eos_ids,
+                think_ids=self.think_ids,
+                prefix=self._prefix,
+                prefill_chunk=self.options.prefill_chunk,
+                on_text=on_text,
+                stop_check=stop_check,
+                between_steps=between_steps,
             )
 
-    def chat(self, messages: Sequence[Message], config: GenerationConfig | None = None, *,
-             enable_thinking: bool | None = None, on_text: TextCallback | None = None,
-             stop_check: StopCheck | None = None,
-             between_steps: StepHook | None = None) -> GenerationResult:
+    def chat(
+        self,
+        messages: Sequence[Message],
+        config: GenerationConfig | None = None,
+        *,
+        enable_thinking: bool | None = None,
+        on_text: TextCallback | None = None,
+        stop_check: StopCheck | None = None,
+        between_steps: StepHook | None = None,
+    ) -> GenerationResult:
         ids = self.render_chat(messages, enable_thinking=enable_thinking)
-        return self.generate(ids, config, on_text=on_text, stop_check=stop_check,
-                             between_steps=between_steps)
+        return self.generate(
+            ids, config, on_text=on_text, stop_check=stop_check, between_steps=between_steps
+        )
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -46,7 +46,7 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
         if self.reasoning_budget is not None and self.reasoning_budget < 0:
             raise ValueError(f"reasoning_budget = {self.reasoning_budget} must be >= 0")
-        self.sampling  # validates the sampling fields
+        _ = self.sampling  # constructing SamplingParams validates the sampling fields
 
     @property
     def sampling(self) -> SamplingParams:
@@ -87,8 +87,9 @@ class PrefixEntry:
 class _AnswerStream:
     """Answer text as the client sees it: leading whitespace dropped, stop strings held back."""
 
-    def __init__(self, tokenizer: ChatTokenizer, stops: tuple[str, ...],
-                 on_text: TextCallback | None) -> None:
+    def __init__(
+        self, tokenizer: ChatTokenizer, stops: tuple[str, ...], on_text: TextCallback | None
+    ) -> None:
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = stops
         self._on_text = on_text
@@ -118,7 +119,7 @@ class _AnswerStream:
         safe = len(text) if final else len(text) - holdback(text, self._stops)
         if safe > self._emitted:
             if self._on_text is not None:
-                self._on_text(text[self._emitted:safe])
+                self._on_text(text[self._emitted : safe])
             self._emitted = safe
 
 
@@ -142,9 +143,11 @@ def run_generation(
         raise ValueError("the prompt is empty")
     runner.reset()
     cached = 0
-    if prefix is not None and len(prompt) > len(prefix.token_ids) and tuple(
-        prompt[: len(prefix.token_ids)]
-    ) == prefix.token_ids:
+    if (
+        prefix is not None
+        and len(prompt) > len(prefix.token_ids)
+        and tuple(prompt[: len(prefix.token_ids)]) == prefix.token_ids
+    ):
         runner.restore(prefix.kv)
         cached = len(prefix.token_ids)
     if len(prompt) >= runner.capacity:
@@ -174,6 +177,8 @@ def run_generation(
     first_token_at: float | None = None
 
     while True:
+        if reasoning.over_budget and not forced:
+            forced = list(close_block)
         token = forced.pop(0) if forced else select_token(logits, sampling, rng, context)
         generated.append(token)
         context.append(token)
@@ -187,8 +192,6 @@ def run_generation(
         if was_inside or reasoning.inside:
             if reasoning.inside and was_inside:
                 reasoning_ids.append(token)
-            if reasoning.over_budget and not forced:
-                forced = list(close_block)
         else:
             answer.push(token)
             if answer.stopped:
@@ -206,12 +209,21 @@ def run_generation(
 
     text = answer.finish()
     reasoning_text = tokenizer.decode(reasoning_ids).strip()
-    return _result(text, reasoning_text, finish, prompt, cached, generated, started,
-                   prefill_end, first_token_at, time.perf_counter())
+    return _result(
+        text,
+        reasoning_text,
+        finish,
+        prompt,
+        cached,
+        generated,
+        started,
+        prefill_end,
+        first_token_at,
+        time.perf_counter(),
+    )
 
 
-def _prefill(runner: GrowingKVRunner | SharedKVRunner, ids: list[int],
-             chunk: int) -> np.ndarray:
+def _prefill(runner: GrowingKVRunner | SharedKVRunner, ids: list[int], chunk: int) -> np.ndarray:
     # Chunking bounds the attention activations of a long prompt (they grow with n^2).
     logits = None
     for start in range(0, len(ids), chunk):
@@ -227,9 +239,18 @@ def _close_block_ids(tokenizer: ChatTokenizer, end_id: int | None) -> list[int]:
     return [*tokenizer.encode("\n"), end_id, *tokenizer.encode("\n\n")]
 
 
-def _result(text: str, reasoning: str, finish: str, prompt: list[int], cached: int,
-            generated: list[int], started: float, prefill_end: float,
-            first_token_at: float | None, ended: float | None) -> GenerationResult:
+def _result(
+    text: str,
+    reasoning: str,
+    finish: str,
+    prompt: list[int],
+    cached: int,
+    generated: list[int],
+    started: float,
+    prefill_end: float,
+    first_token_at: float | None,
+    ended: float | None,
+) -> GenerationResult:
     ended = ended if ended is not None else time.perf_counter()
     prefill_s = prefill_end - started
     computed = len(prompt) - cached
@@ -248,6 +269,7 @@ def _result(text: str, reasoning: str, finish: str, prompt: list[int], cached: i
             total_ms=(ended - started) * 1000,
             prefill_tps=computed / prefill_s if computed and prefill_s > 0 else None,
             decode_tps=(len(generated) - 1) / decode_s
-            if len(generated) > 1 and decode_s > 0 else None,
+            if len(generated) > 1 and decode_s > 0
+            else None,
         ),
     )

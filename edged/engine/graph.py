@@ -91,8 +91,9 @@ def _genai_shares_buffer(model_dir: Path) -> bool | None:
     return bool(value) if value is not None else None
 
 
-def inspect_graph(session: ort.InferenceSession, manifest: ModelManifest,
-                  model_dir: Path) -> GraphLayout:
+def inspect_graph(
+    session: ort.InferenceSession, manifest: ModelManifest, model_dir: Path
+) -> GraphLayout:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     for required in ("input_ids", "attention_mask"):

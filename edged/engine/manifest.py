@@ -156,7 +156,8 @@ def verify_files(model_dir: Path, manifest: ModelManifest) -> None:
     model_dir = Path(model_dir)
     if manifest.graph_file not in manifest.files:
         raise ModelDirError(
-            f"{model_dir / MANIFEST_NAME}: graph file {manifest.graph_file!r} is not listed in files"
+            f"{model_dir / MANIFEST_NAME}: graph file {manifest.graph_file!r} "
+            "is not listed in files"
         )
     for rel, expected in sorted(manifest.files.items()):
         path = model_dir / rel

@@ -42,7 +42,7 @@ class _RunnerBase:
         self.length = 0
         self._io = session.io_binding()
         # Slices of these are the attention mask and position ids of every step: no allocation.
-        self._mask = np.ones((1, capacity), dtype=layout.mask_dtype)
+        self._mask: np.ndarray = np.ones((1, capacity), dtype=layout.mask_dtype)
         self._positions = np.arange(capacity, dtype=np.int64)[None, :]
 
     def _check_room(self, n: int) -> None:
@@ -86,7 +86,7 @@ class GrowingKVRunner(_RunnerBase):
         self._check_room(len(ids))
         io, layout = self._io, self.layout
         self._bind_step_inputs(ids)
-        for name, value in zip(layout.past_names, self._past):
+        for name, value in zip(layout.past_names, self._past, strict=True):
             io.bind_ortvalue_input(name, value)
         io.bind_output(layout.logits_name, "cpu")
         for name in layout.present_names:
@@ -112,7 +112,9 @@ class SharedKVRunner(_RunnerBase):
     def __init__(self, session: ort.InferenceSession, layout: GraphLayout, capacity: int) -> None:
         super().__init__(session, layout, capacity)
         shape = (1, layout.kv_heads, capacity, layout.head_dim)
-        self._buffers = [np.zeros(shape, dtype=layout.kv_dtype) for _ in layout.past_names]
+        self._buffers: list[np.ndarray] = [
+            np.zeros(shape, dtype=layout.kv_dtype) for _ in layout.past_names
+        ]
         self._values = [_ortvalue(buf) for buf in self._buffers]
         logits_info = next(o for o in session.get_outputs() if o.name == layout.logits_name)
         vocab = logits_info.shape[-1]
@@ -121,7 +123,9 @@ class SharedKVRunner(_RunnerBase):
         if isinstance(vocab, int) and logits_info.type == "tensor(float)":
             self._step_logits = np.zeros((1, 1, vocab), dtype=np.float32)
             self._step_logits_value = _ortvalue(self._step_logits)
-        for past, present, value in zip(layout.past_names, layout.present_names, self._values):
+        for past, present, value in zip(
+            layout.past_names, layout.present_names, self._values, strict=True
+        ):
             self._io.bind_ortvalue_input(past, value)
             self._io.bind_ortvalue_output(present, value)
         # The snapshot whose positions the buffers still hold: generation after a restore only
@@ -158,14 +162,15 @@ class SharedKVRunner(_RunnerBase):
     def restore(self, snapshot: KVSnapshot) -> None:
         n = snapshot.length
         if snapshot is not self._resident:
-            for buf, saved in zip(self._buffers, snapshot.values):
+            for buf, saved in zip(self._buffers, snapshot.values, strict=True):
                 buf[:, :, :n, :] = saved  # type: ignore[index]
             self._resident = snapshot
         self.length = n
 
 
-def make_runner(session: ort.InferenceSession, layout: GraphLayout,
-                capacity: int) -> GrowingKVRunner | SharedKVRunner:
+def make_runner(
+    session: ort.InferenceSession, layout: GraphLayout, capacity: int
+) -> GrowingKVRunner | SharedKVRunner:
     if layout.shared_kv_buffer:
         return SharedKVRunner(session, layout, capacity)
     return GrowingKVRunner(session, layout, capacity)

@@ -38,8 +38,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def apply_repetition_penalty(logits: np.ndarray, context_ids: Iterable[int],
-                             penalty: float) -> np.ndarray:
+def apply_repetition_penalty(
+    logits: np.ndarray, context_ids: Iterable[int], penalty: float
+) -> np.ndarray:
     """Divide positive and multiply negative logits of seen tokens by `penalty` (new array)."""
     if penalty == 1.0:
         return logits
@@ -52,15 +53,19 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids: Iterable[int],
     return out
 
 
-def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-                 context_ids: Iterable[int] = ()) -> int:
+def select_token(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    context_ids: Iterable[int] = (),
+) -> int:
     """The next token id from a 1-D logits vector."""
     logits = apply_repetition_penalty(logits, context_ids, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < scaled.size:
-        candidates = np.argpartition(scaled, -params.top_k)[-params.top_k:]
+        candidates = np.argpartition(scaled, -params.top_k)[-params.top_k :]
     else:
         candidates = np.arange(scaled.size)
     cand_logits = scaled[candidates]

@@ -42,8 +42,9 @@ class ReasoningState:
     spent: int = 0
 
     @classmethod
-    def after_prompt(cls, prompt_ids: Sequence[int], start_id: int | None, end_id: int | None,
-                     budget: int | None) -> ReasoningState:
+    def after_prompt(
+        cls, prompt_ids: Sequence[int], start_id: int | None, end_id: int | None, budget: int | None
+    ) -> ReasoningState:
         """A prompt that ends inside an open `<think>` (templates may open it) starts inside."""
         state = cls(start_id, end_id, budget)
         if start_id is not None and end_id is not None:

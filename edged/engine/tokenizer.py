@@ -32,11 +32,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # transformers overrides jinja's tojson, which would HTML-escape and force ASCII.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -64,16 +70,15 @@ def _token_content(value: Any) -> str | None:
 class ChatTokenizer:
     """Text <-> token ids, plus the model's chat template."""
 
-    def __init__(self, tokenizer: Tokenizer, chat_template: str | None,
-                 special_tokens: dict[str, str]) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, chat_template: str | None, special_tokens: dict[str, str]
+    ) -> None:
         self._tok = tokenizer
         self._template_source = chat_template
         self._template = compile_chat_template(chat_template) if chat_template else None
         self.special_tokens = special_tokens
         added = tokenizer.get_added_tokens_decoder()
-        self.special_ids: frozenset[int] = frozenset(
-            i for i, tok in added.items() if tok.special
-        )
+        self.special_ids: frozenset[int] = frozenset(i for i, tok in added.items() if tok.special)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTokenizer:
@@ -121,8 +126,12 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-               **template_kwargs: Any) -> str:
+    def render(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
         """The prompt text for `messages`, exactly as transformers' apply_chat_template."""
         if self._template is None:
             raise ModelDirError("the model directory has no chat template (chat_template.jinja)")
@@ -153,18 +162,18 @@ class IncrementalDecoder:
         if token_id in self._tok.special_ids:
             return ""
         self._ids.append(token_id)
-        prefix_text = self._tok.decode(self._ids[self._prefix_offset:self._read_offset])
-        full_text = self._tok.decode(self._ids[self._prefix_offset:])
+        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._tok.decode(self._ids[self._prefix_offset :])
         if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
             return ""
-        new_text = full_text[len(prefix_text):]
+        new_text = full_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
         return new_text
 
     def flush(self) -> str:
         """Whatever text is still held back (an incomplete character decodes as U+FFFD)."""
-        prefix_text = self._tok.decode(self._ids[self._prefix_offset:self._read_offset])
-        full_text = self._tok.decode(self._ids[self._prefix_offset:])
+        prefix_text = self._tok.decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._tok.decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return full_text[len(prefix_text):] if len(full_text) > len(prefix_text) else ""
+        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
