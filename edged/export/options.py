@@ -1,0 +1,51 @@
+"""What an export is asked to do: `ExportOptions`, and the error every export step raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+QUANT_METHODS = ("int4", "int8", "fp32")
+EXPORTERS = ("optimum", "ort-genai")
+
+
+class ExportError(Exception):
+    """An export that cannot go on; the message names the step, the value and what was expected."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    source: str
+    """HF checkpoint directory, or a hub id for users with network access (and a hub cache)."""
+    output: Path
+    """The edged model directory to write; it appears only once every file in it is final."""
+    quant: str = "int4"
+    """`int4` (MatMulNBits, block 32, LM head and embedding too), `int8` (dynamic) or `fp32`."""
+    exporter: str = "optimum"
+    """`optimum` (this package) or `ort-genai` (edged.export.genai_builder)."""
+    name: str | None = None
+    """Model name in the manifest; default: the output directory's name."""
+    context_length: int | None = None
+    """Longest sequence the engine may run; default: config.max_position_embeddings."""
+    verify: bool = True
+    """Check fp32 greedy parity with transformers and measure the quantized graph's agreement."""
+    last_token_logits: bool = True
+    """Slice the hidden state to the last position before the LM head (logits shape (b, 1, V))."""
+    progress: bool = True
+    """Show progress bars for the long steps."""
+    overwrite: bool = False
+    """Replace `output` if it exists and is not empty."""
+    source_label: str | None = None
+    """What to record as the manifest's `source`; default: `source` itself. Lets a build from a
+    temporary checkpoint (the test model) produce the same manifest every time."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", Path(self.output))
+        if self.quant not in QUANT_METHODS:
+            raise ExportError(f"quant = {self.quant!r} is not one of {', '.join(QUANT_METHODS)}")
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"exporter = {self.exporter!r} is not one of {', '.join(EXPORTERS)}")
+        if self.context_length is not None and self.context_length < 1:
+            raise ExportError(f"context_length = {self.context_length} must be at least 1")
+        if not self.source:
+            raise ExportError("source is empty: give a checkpoint directory or a hub id")

@@ -1,0 +1,305 @@
+"""`export_model`: checkpoint in, finished edged model directory out.
+
+Steps: fp32 ONNX export, last-token logits edit, fp32 parity with transformers, quantization,
+quantized-vs-fp32 agreement, tokenizer/config assets, manifest. Everything is built in a
+sibling staging directory and renamed into place at the end, so `output` never holds a
+half-written model (the manifest hashes every file in it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edged.engine.manifest import MANIFEST_NAME, ModelManifest, write_manifest
+
+from . import assets, verify
+from . import graph as g
+from .options import ExportError, ExportOptions
+from .progress import Stages
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+TOOL_DISTRIBUTIONS = ("torch", "transformers", "optimum", "optimum-onnx", "onnxruntime", "onnx")
+
+
+@dataclass
+class _Build:
+    """What the steps hand to each other."""
+
+    opts: ExportOptions
+    checkpoint: Path
+    work: Path
+    staging: Path
+    stages: Stages
+    tokenizer: Any
+    verification: dict[str, Any] = field(default_factory=dict)
+
+
+def export_model(opts: ExportOptions) -> ModelManifest:
+    """Export `opts.source` into `opts.output` and return the manifest written there."""
+    output = opts.output
+    _check_output(output, opts.overwrite)
+    from transformers import AutoTokenizer
+
+    from .optimum_export import resolve_source
+
+    checkpoint = resolve_source(opts.source)
+    config = _read_config(checkpoint)
+    architecture = _architecture(config, checkpoint)
+    context_length = _context_length(opts, config)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    steps = _stage_names(opts)
+    stages = Stages(steps, opts.progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edged-export-") as work:
+            build = _Build(
+                opts=opts,
+                checkpoint=checkpoint,
+                work=Path(work),
+                staging=staging,
+                stages=stages,
+                tokenizer=AutoTokenizer.from_pretrained(checkpoint),
+            )
+            if opts.exporter == "ort-genai":
+                _build_genai(build)
+            else:
+                _build_optimum(build)
+        with stages.run("assets and manifest"):
+            assets.copy_assets(checkpoint, staging)
+            manifest = _write_manifest(build, architecture, context_length)
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        stages.close()
+    took = ", ".join(f"{k} {v:.1f} s" for k, v in stages.durations.items())
+    log.info("exported %s to %s (%s)", opts.source, output, took)
+    return manifest
+
+
+def _stage_names(opts: ExportOptions) -> list[str]:
+    if opts.exporter == "ort-genai":
+        names = ["build (ort-genai)"]
+        if opts.verify:
+            names.append("verify vs transformers")
+    else:
+        names = ["export fp32"]
+        if opts.last_token_logits:
+            names.append("slice logits")
+        if opts.verify:
+            names.append("verify fp32")
+        names.append(f"quantize {opts.quant}")
+        if opts.verify and opts.quant != "fp32":
+            names.append(f"verify {opts.quant}")
+    return [*names, "assets and manifest"]
+
+
+def _build_optimum(build: _Build) -> None:
+    import onnx
+
+    from .optimum_export import export_fp32
+    from .quantize import quantize_int4, quantize_int8, save_model
+
+    opts, stages = build.opts, build.stages
+    with stages.run("export fp32"):
+        full = export_fp32(build.checkpoint, build.work / "fp32")
+    fp32 = full
+    if opts.last_token_logits:
+        with stages.run("slice logits"):
+            model = g.load_graph(full)
+            g.slice_to_last_token(model)
+            # Saved next to the full graph so both point at the same external weight file.
+            fp32 = full.with_name("model.last.onnx")
+            onnx.save_model(model, str(fp32))
+
+    reference = None
+    if opts.verify:
+        with stages.run("verify fp32"):
+            reference = _verify_fp32(build, full, fp32)
+
+    out = build.staging / GRAPH_FILE
+    with stages.run(f"quantize {opts.quant}"):
+        if opts.quant == "int4":
+            quantize_int4(fp32, out)
+        elif opts.quant == "int8":
+            quantize_int8(fp32, out)
+        else:
+            save_model(onnx.load(str(fp32)), out)
+
+    if reference is not None and opts.quant != "fp32":
+        with stages.run(f"verify {opts.quant}"):
+            prompts = [build.tokenizer.encode(p) for p in verify.AGREEMENT_PROMPTS]
+            candidate = verify.OnnxCausalLM(out)
+            agreement, positions = verify.top1_agreement(
+                candidate, reference, prompts, progress=opts.progress
+            )
+            build.verification["top1_agreement_vs_fp32"] = round(agreement, 4)
+            build.verification["prompts"] = len(prompts)
+            build.verification["positions"] = positions
+            log.info("%s agrees with fp32 on %.1f %% of next tokens", opts.quant, 100 * agreement)
+
+
+def _verify_fp32(build: _Build, full: Path, fp32: Path) -> verify.OnnxCausalLM:
+    """Greedy parity of the fp32 graph with transformers (and of the sliced logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build.tokenizer
+    reference = verify.OnnxCausalLM(fp32)
+    prompt = verify.prompt_ids(tokenizer)
+    if fp32 != full:
+        diff = verify.check_last_logits(verify.OnnxCausalLM(full), reference, prompt)
+        build.verification["last_token_logits_max_abs_diff"] = float(f"{diff:.2g}")
+    ids = assets.token_ids(build.checkpoint, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(build.checkpoint, dtype=torch.float32).eval()
+    build.verification["fp32_vs_transformers"] = verify.check_greedy_parity(
+        reference, model, prompt, ids.eos, ids.pad
+    )
+    return reference
+
+
+def _build_genai(build: _Build) -> None:
+    """onnxruntime-genai's model builder (GroupQueryAttention layout), owned by genai_builder."""
+    try:
+        from . import genai_builder
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.genai_builder":
+            raise
+        raise ExportError(
+            "exporter = 'ort-genai' needs edged/export/genai_builder.py, which this "
+            "installation does not have; use exporter = 'optimum'"
+        ) from exc
+    with build.stages.run("build (ort-genai)"):
+        built = Path(genai_builder.build(build.opts, build.work / "genai"))
+        if not (built / GRAPH_FILE).is_file():
+            raise ExportError(f"genai_builder.build returned {built} without {GRAPH_FILE}")
+        for path in sorted(built.iterdir()):
+            if path.is_file() and path.name != MANIFEST_NAME:
+                shutil.copyfile(path, build.staging / path.name)
+    if build.opts.verify:
+        with build.stages.run("verify vs transformers"):
+            _verify_against_transformers(build, build.staging / GRAPH_FILE)
+
+
+def _verify_against_transformers(build: _Build, graph: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(build.checkpoint, dtype=torch.float32).eval()
+    candidate = verify.OnnxCausalLM(graph)
+    prompts = [build.tokenizer.encode(p) for p in verify.AGREEMENT_PROMPTS]
+    same = total = 0
+    for ids in prompts:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        expected = logits.argmax(-1).tolist()
+        got = candidate.next_token_argmax(ids)
+        same += sum(int(a == b) for a, b in zip(got, expected, strict=True))
+        total += len(ids)
+    build.verification["top1_agreement_vs_transformers"] = round(same / total, 4)
+    build.verification["prompts"] = len(prompts)
+    build.verification["positions"] = total
+
+
+def _write_manifest(build: _Build, architecture: str, context_length: int) -> ModelManifest:
+    opts = build.opts
+    final = g.load_graph(build.staging / GRAPH_FILE)
+    quantization = g.describe_quantization(final)
+    if quantization.method != opts.quant:
+        raise ExportError(
+            f"quant = {opts.quant!r} was asked but the graph holds {quantization.method!r}"
+        )
+    ids = assets.token_ids(build.checkpoint, build.tokenizer)
+    manifest = ModelManifest(
+        name=opts.name or opts.output.name,
+        source=opts.source_label or opts.source,
+        architecture=architecture,
+        exporter=opts.exporter,
+        quantization=quantization,
+        context_length=context_length,
+        eos_token_ids=ids.eos,
+        graph_file=GRAPH_FILE,
+        reasoning=ids.reasoning,
+        pad_token_id=ids.pad,
+        bos_token_id=ids.bos,
+        logits=g.logits_mode(final),
+        verification=build.verification,
+        tools=tool_versions(),
+    )
+    return write_manifest(build.staging, manifest)
+
+
+def tool_versions() -> dict[str, str]:
+    import edged
+
+    versions = {"edged": edged.__version__}
+    for dist in TOOL_DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output = {str(output)!r} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(
+            f"output = {str(output)!r} exists and is not empty; pass overwrite (--overwrite) "
+            "to replace it"
+        )
+
+
+def _publish(staging: Path, output: Path) -> None:
+    """Swap the finished staging directory in; the old model goes only once the new is there."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+    output.rename(old)
+    staging.rename(output)
+    shutil.rmtree(old)
+
+
+def _read_config(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{checkpoint / 'config.json'}: not readable JSON: {exc}") from exc
+
+
+def _architecture(config: dict[str, Any], checkpoint: Path) -> str:
+    archs = config.get("architectures")
+    if not archs or not isinstance(archs, list):
+        raise ExportError(f"{checkpoint / 'config.json'}: `architectures` is missing or empty")
+    return str(archs[0])
+
+
+def _context_length(opts: ExportOptions, config: dict[str, Any]) -> int:
+    limit = config.get("max_position_embeddings")
+    if opts.context_length is None:
+        if not isinstance(limit, int):
+            raise ExportError(
+                "config.json has no max_position_embeddings; pass context_length explicitly"
+            )
+        return limit
+    if isinstance(limit, int) and opts.context_length > limit:
+        raise ExportError(
+            f"context_length = {opts.context_length} exceeds config.max_position_embeddings "
+            f"= {limit}"
+        )
+    return opts.context_length

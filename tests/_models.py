@@ -1,0 +1,35 @@
+"""Test models: the committed tiny Qwen3 fixture and the builder that regenerates it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+TINY_QWEN3_INT4 = FIXTURES / "tiny-qwen3-int4"
+"""Committed int4 export of the tiny Qwen3 (regenerate: python tools/make_test_model.py)."""
+
+EXPORT_DISTRIBUTIONS = ("torch", "transformers", "optimum", "onnx", "onnxruntime")
+
+
+def export_deps_missing() -> str | None:
+    """Why the export tests cannot run here, or None when the [export] extra is installed."""
+    missing = [name for name in EXPORT_DISTRIBUTIONS if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"needs the [export] extra: {', '.join(missing)} not importable"
+    return None
+
+
+def make_test_model() -> ModuleType:
+    """tools/make_test_model.py as a module (tools/ is not a package)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = REPO_ROOT / "tools" / "make_test_model.py"
+    spec = importlib.util.spec_from_file_location("make_test_model", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
