@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both create ./.venv on first use and install into it, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= tests/fixtures/tiny-qwen3-int4
+
+.PHONY: demo test lint bench install install-dev clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Stamps re-run the install when pyproject.toml changes, and skip it otherwise.
+$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# torch is pinned in the export extra; naming it here too keeps pip from ever choosing a CUDA build.
+$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e '.[export,dev]' 'torch==2.13.0'
+	touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/edged ask --model $(MODEL) --max-tokens 48 \
+	  "My smartwatch says my resting heart rate is 118. Should I worry?"
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check edged tools tests
+	$(VENV)/bin/mypy edged
+
+bench: $(VENV)/.dev
+	$(PY) tools/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
