@@ -57,6 +57,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print the result as JSON at the end")
 
+    run = sub.add_parser("run", help="run the daemon (MQTT service)")
+    run.add_argument("--config", required=True, type=Path, help="YAML config file")
+
+    demo = sub.add_parser("demo", help="a private broker, the daemon and simulated wearables")
+    demo.add_argument("--model", type=Path, default=None,
+                      help="model directory (default: the bundled test model)")
+    demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
+
     model = sub.add_parser("model", help="model directories: info, export")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a model directory's manifest and layout")
@@ -72,8 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+def _setup_logging(verbosity: int, command: str) -> None:
+    quiet = logging.INFO if command == "run" else logging.WARNING
+    level = quiet if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -206,14 +215,36 @@ def cmd_model_export(args: argparse.Namespace) -> int:
     return int(run_export(args))
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from edged.config import ConfigError, load_config
+    from edged.service.runner import run_daemon
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.verbose == 0:
+        logging.getLogger().setLevel(config.log_level.upper())
+    return run_daemon(config)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edged.demo import run_demo
+
+    return run_demo(args.model, args.seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.command)
     from edged.engine import ContextFullError, ModelDirError
 
     handlers = {
         "ask": cmd_ask,
+        "run": cmd_run,
+        "demo": cmd_demo,
         "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[a.model_command](a),
     }
     try:

@@ -1,0 +1,97 @@
+"""Durable record of answered queries, so a redelivered query is never generated twice.
+
+MQTT QoS 1 is at-least-once: after a daemon crash or a broker restart the broker redelivers
+every query the daemon had not acknowledged, including ones whose answer was already sent.
+The final reply is stored here *before* it is published, keyed by (wearer, id), and a
+redelivered id gets the stored bytes again — byte-identical, as API.md requires.
+
+SQLite in WAL mode with synchronous=FULL: a reply is on disk before it is published, so not
+even a power cut between publishing and acknowledging leads to a second, different answer. One
+fsync per answered query is nothing next to the seconds a generation takes on a board.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answered (
+    wearer      TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    correlation BLOB,
+    answered_at REAL NOT NULL,
+    PRIMARY KEY (wearer, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS answered_at_idx ON answered (answered_at);
+"""
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+    answered_at: float
+
+
+class AnswerStore:
+    def __init__(self, path: Path, ttl_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.ttl_s = ttl_s
+        # One connection shared by the MQTT thread (lookups) and the worker (inserts), so a
+        # lock serialises them; each statement takes well under a millisecond.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self.purge()
+
+    def get(self, wearer: str, query_id: str, now: float | None = None) -> StoredReply | None:
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT topic, payload, correlation, answered_at FROM answered "
+                "WHERE wearer = ? AND id = ? AND answered_at >= ?",
+                (wearer, query_id, now - self.ttl_s),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredReply(row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None,
+                           row[3])
+
+    def put(self, wearer: str, query_id: str, topic: str, payload: bytes,
+            correlation: bytes | None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?, ?)",
+                (wearer, query_id, topic, payload, correlation, now),
+            )
+
+    def purge(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        with self._lock:
+            cur = self._db.execute("DELETE FROM answered WHERE answered_at < ?",
+                                   (now - self.ttl_s,))
+        if cur.rowcount:
+            log.debug("purged %d answered queries older than %.0f s", cur.rowcount, self.ttl_s)
+        return cur.rowcount
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM answered").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,108 @@
+"""Outbound payloads of API.md v1, built from plain data and serialised once.
+
+"Every field shown is always present; a value that is unknown is null, never omitted": the
+builders take every field as an argument, so a missing one is a type error here, not a
+surprise for a gateway in the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+DISCLAIMER = (
+    "Generated on this device by a small language model from the wearer's own data. It is "
+    "not a diagnosis. In an emergency call your local emergency number."
+)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; `allow_nan=False` because a NaN would be invalid JSON on the wire."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Triage:
+    news2: int | None = None
+    risk: str | None = None
+    red_flags: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"news2": self.news2, "risk": self.risk, "red_flags": list(self.red_flags),
+                "missing": list(self.missing)}
+
+
+def advice_payload(
+    *,
+    query_id: str,
+    wearer: str,
+    node: str,
+    text: str,
+    escalation: str | None,
+    triage: Triage,
+    finish_reason: str,
+    model_name: str,
+    model_quant: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    queued_ms: float | None,
+    first_token_ms: float | None,
+    total_ms: float | None,
+    threads: int | None,
+    governor_state: str | None,
+) -> dict[str, Any]:
+    return {
+        "id": query_id,
+        "wearer": wearer,
+        "node": node,
+        "text": text,
+        "escalation": escalation,
+        "triage": triage.to_json(),
+        "finish_reason": finish_reason,
+        "model": {"name": model_name, "quant": model_quant},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "timing_ms": {"queued": _ms(queued_ms), "first_token": _ms(first_token_ms),
+                      "total": _ms(total_ms)},
+        "governor": {"threads": threads, "state": governor_state},
+        "disclaimer": DISCLAIMER,
+    }
+
+
+def status_payload(
+    *,
+    state: str,
+    version: str,
+    model: str | None,
+    threads: int | None,
+    governor: str | None,
+    temp_c: float | None,
+    mem_available_mb: int | None,
+    queue: int,
+    decode_tps: float | None,
+    uptime_s: float,
+    ts: float,
+) -> dict[str, Any]:
+    return {
+        "state": state,
+        "version": version,
+        "model": model,
+        "threads": threads,
+        "governor": governor,
+        "temp_c": temp_c,
+        "mem_available_mb": mem_available_mb,
+        "queue": queue,
+        "decode_tps": round(decode_tps, 2) if decode_tps is not None else None,
+        "uptime_s": int(uptime_s),
+        "ts": int(ts),
+    }
+
+
+def chunk_payload(query_id: str, seq: int, delta: str) -> dict[str, Any]:
+    return {"id": query_id, "seq": seq, "delta": delta}
+
+
+def _ms(value: float | None) -> int | None:
+    return None if value is None else int(round(value))

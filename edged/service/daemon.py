@@ -1,0 +1,471 @@
+"""The daemon: broker -> validate -> schedule -> infer -> publish, and acknowledgement last.
+
+Threads, and what each owns:
+* `mqtt-network` (the transport): parses and validates every inbound message, answers errors,
+  dedupes redeliveries and submits queries. It never waits for inference.
+* `edged-worker`: runs one generation at a time, publishes its final reply, then hands the
+  query's acknowledgement to the transport, which sends it once the broker has the reply.
+* `edged-status`: refreshes the retained node status and purges the answered-query store.
+
+Delivery (API.md): a query is acknowledged only after its final reply is stored, published
+and acknowledged by the broker. So a crash at any point means redelivery; a redelivered query
+that was answered gets the stored reply again, byte-identical, and one that is still queued or
+running is answered once, for every delivery.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edged import __version__
+from edged.config.models import EdgedConfig
+from edged.engine import ContextFullError, Engine, EngineOptions, GenerationConfig
+from edged.mqtt.answer_store import AnswerStore
+from edged.mqtt.errors import ErrorCode, ProtocolError
+from edged.mqtt.messages import Query, Vitals, decode_payload, parse_cancel, parse_query, parse_vitals
+from edged.mqtt.payloads import Triage, advice_payload, encode, status_payload
+from edged.mqtt.streaming import ChunkStreamer
+from edged.mqtt.topics import Topics
+from edged.mqtt.transport import AckToken, InboundMessage, MqttTransport
+from edged.scheduler import Job, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+_SHUTDOWN = "shutdown"
+_PURGE_EVERY_S = 3600.0
+
+
+class NodeState(str, enum.Enum):
+    STARTING = "starting"
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class ReplyRoute:
+    topic: str
+    correlation: bytes | None
+
+
+@dataclass(frozen=True)
+class QueryWork:
+    query: Query
+    route: ReplyRoute
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    vitals: int = 0
+    queries: int = 0
+    answered: int = 0
+    errors: int = 0
+    duplicates: int = 0
+
+
+VitalsHandler = Callable[[str, Vitals], None]
+
+
+class Daemon:
+    def __init__(self, config: EdgedConfig, engine: Engine | None = None,
+                 on_vitals: VitalsHandler | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix, config.node_id)
+        self.engine = engine or self._load_engine(config)
+        self.system_prompt_tokens = self.engine.set_system_prompt(config.model.system_prompt)
+        state_dir = Path(config.delivery.state_dir)
+        self.store = AnswerStore(state_dir / "answered.sqlite3", config.delivery.answered_ttl_s)
+        self.scheduler = Scheduler(config.limits.queue_size)
+        self.counters = Counters()
+        self.state = NodeState.STARTING
+        self._on_vitals = on_vitals
+        self._started_at = time.monotonic()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._abort = threading.Event()
+        self._stopped = threading.Event()
+        self.transport = MqttTransport(
+            config.mqtt,
+            config.client_id,
+            self.topics.subscriptions(),
+            will=(self.topics.status(), encode({"state": NodeState.OFFLINE.value})),
+            on_message=self._on_message,
+            on_connected=self.publish_status,
+        )
+        self._worker = threading.Thread(target=self._work_loop, name="edged-worker", daemon=True)
+        self._status = threading.Thread(target=self._status_loop, name="edged-status",
+                                        daemon=True)
+
+    @staticmethod
+    def _load_engine(config: EdgedConfig) -> Engine:
+        m = config.model
+        return Engine.load(m.path, EngineOptions(threads=m.threads,
+                                                 context_length=m.context_length,
+                                                 verify_hashes=m.verify_hashes))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state = NodeState.ONLINE
+        self._worker.start()
+        self._status.start()
+        self.transport.start()
+        log.info("edged %s node %s serving %s on %s:%d (prefix %s)", __version__,
+                 self.config.node_id, self.engine.manifest.name, self.config.mqtt.host,
+                 self.config.mqtt.port, self.config.mqtt.topic_prefix)
+
+    def stop(self) -> None:
+        """Graceful stop: take no new queries (they stay queued at the broker), let the running
+        generation finish within limits.drain_timeout_s or abandon it unacknowledged, publish
+        `draining` then `offline`, and disconnect cleanly."""
+        if self._stopping.is_set():
+            self._stopped.wait(30)
+            return
+        self._stopping.set()
+        self.state = NodeState.DRAINING
+        self.publish_status()
+        left = self.scheduler.drain_queued()
+        if left:
+            log.info("%d queued queries left unacknowledged for redelivery", len(left))
+        deadline = time.monotonic() + self.config.limits.drain_timeout_s
+        while self.scheduler.running is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.scheduler.running is not None:
+            log.warning("drain timeout: abandoning the running generation; the broker will "
+                        "redeliver its query")
+            self._abort.set()
+        self.scheduler.close()
+        self._worker.join(timeout=30)
+        self.transport.wait_for_outbox(5.0)
+        self.state = NodeState.OFFLINE
+        done = threading.Event()
+        self._publish(self.topics.status(), self._status_bytes(), retain=True, on_acked=done.set)
+        done.wait(3.0)
+        self.transport.stop()
+        self.store.close()
+        self._stopped.set()
+        log.info("edged stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _status_bytes(self) -> bytes:
+        manifest = self.engine.manifest
+        return encode(status_payload(
+            state=self.state.value,
+            version=__version__,
+            model=manifest.name,
+            threads=self.engine.threads,
+            governor="nominal",
+            temp_c=None,
+            mem_available_mb=int(psutil.virtual_memory().available / 2**20),
+            queue=len(self.scheduler),
+            decode_tps=self.scheduler.decode_tps if self.counters.answered else None,
+            uptime_s=time.monotonic() - self._started_at,
+            ts=time.time(),
+        ))
+
+    def publish_status(self) -> None:
+        self._publish(self.topics.status(), self._status_bytes(), retain=True)
+
+    def _status_loop(self) -> None:
+        last_purge = time.monotonic()
+        while not self._stopping.wait(self.config.status.interval_s):
+            if self.transport.connected:
+                self.publish_status()
+            if time.monotonic() - last_purge > _PURGE_EVERY_S:
+                self.store.purge()
+                last_purge = time.monotonic()
+
+    # -- inbound (network thread) ----------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                 correlation: bytes | None = None,
+                 on_acked: Callable[[], None] | None = None) -> None:
+        self.transport.publish(topic, payload, qos=qos, retain=retain,
+                               correlation_data=correlation, on_acked=on_acked)
+
+    def _ack_after(self, acks: list[AckToken]) -> Callable[[], None]:
+        def ack_all() -> None:
+            for token in acks:
+                self.transport.ack(token)
+        return ack_all
+
+    def _send_error(self, topic: str, error: ProtocolError, correlation: bytes | None,
+                    acks: list[AckToken]) -> None:
+        self.counters.errors += 1
+        log.info("error %s on %s (field %s)", error.code.value, topic, error.field)
+        self._publish(topic, encode(error.payload()), correlation=correlation,
+                      on_acked=self._ack_after(acks))
+
+    def _on_message(self, msg: InboundMessage) -> None:
+        self.counters.received += 1
+        try:
+            inbound = self.topics.parse(msg.topic)
+        except ProtocolError as err:
+            self._send_error(self.topics.node_error(), err, msg.correlation_data, [msg.ack])
+            return
+        if inbound.kind == "vitals":
+            self._on_vitals_message(inbound.wearer, msg)
+        elif inbound.kind == "cancel":
+            self._on_cancel_message(inbound.wearer, msg)
+        else:
+            self._on_query_message(inbound.wearer, msg)
+
+    def _on_vitals_message(self, wearer: str, msg: InboundMessage) -> None:
+        try:
+            vitals = parse_vitals(decode_payload(msg.payload, self.config.limits.max_message_bytes))
+        except ProtocolError as err:
+            self._send_error(self.topics.error(wearer), err, msg.correlation_data, [msg.ack])
+            return
+        self.counters.vitals += 1
+        if self._on_vitals is not None:
+            self._on_vitals(wearer, vitals)
+        self.transport.ack(msg.ack)
+
+    def _on_cancel_message(self, wearer: str, msg: InboundMessage) -> None:
+        try:
+            cancel = parse_cancel(decode_payload(msg.payload, self.config.limits.max_message_bytes))
+        except ProtocolError as err:
+            self._send_error(self.topics.error(wearer), err, msg.correlation_data, [msg.ack])
+            return
+        job = self.scheduler.cancel((wearer, cancel.id))
+        if job is not None:
+            # Cancelled before generation started: the query's final reply is the error.
+            self._final_error(job, ProtocolError(
+                ErrorCode.CANCELLED, "cancelled before generation started", id=job.query_id))
+        # A cancel for an unknown, running or finished id needs no reply (API.md).
+        self.transport.ack(msg.ack)
+
+    def _reply_route(self, wearer: str, msg: InboundMessage,
+                     obj: dict[str, Any] | None) -> ReplyRoute:
+        """Where this query's replies go; raises ProtocolError(forbidden_reply_topic)."""
+        requested = msg.response_topic
+        if requested is None and obj is not None and isinstance(obj.get("reply_to"), str):
+            requested = obj["reply_to"]
+        if requested is None:
+            return ReplyRoute(self.topics.advice(wearer), msg.correlation_data)
+        if not self.topics.reply_allowed(wearer, requested,
+                                         self.config.mqtt.allow_foreign_reply_topics):
+            shown = requested if len(requested) <= 80 else requested[:77] + "..."
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN_REPLY_TOPIC,
+                f"reply topic {shown!r} is outside {self.topics.prefix}/v1/{wearer}/",
+                field="reply_to" if msg.response_topic is None else None,
+            )
+        return ReplyRoute(requested, msg.correlation_data)
+
+    def _on_query_message(self, wearer: str, msg: InboundMessage) -> None:
+        limits = self.config.limits
+        error_topic = self.topics.error(wearer)
+        obj: dict[str, Any] | None = None
+        try:
+            obj = decode_payload(msg.payload, limits.max_message_bytes)
+        except ProtocolError as err:
+            # Without JSON only an MQTT 5 Response Topic can tell where the reply goes.
+            topic = error_topic
+            if msg.response_topic is not None:
+                try:
+                    topic = self._reply_route(wearer, msg, None).topic
+                except ProtocolError:
+                    pass
+            self._send_error(topic, err, msg.correlation_data, [msg.ack])
+            return
+        query_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        try:
+            route = self._reply_route(wearer, msg, obj)
+        except ProtocolError as err:
+            self._send_error(error_topic, err.with_id(_safe_id(query_id)), msg.correlation_data,
+                             [msg.ack])
+            return
+        try:
+            query = parse_query(obj, max_tokens_cap=limits.max_tokens_cap,
+                                default_max_tokens=limits.default_max_tokens,
+                                max_text_chars=limits.max_query_chars)
+        except ProtocolError as err:
+            self._send_error(route.topic, err, route.correlation, [msg.ack])
+            return
+        self.counters.queries += 1
+        key = (wearer, query.id)
+        with self._lock:
+            running = self.scheduler.find(key)
+            if running is not None:
+                # A redelivery of a query still in progress: answer once, ack every copy.
+                running.acks.append(msg.ack)
+                self.counters.duplicates += 1
+                return
+        stored = self.store.get(wearer, query.id)
+        if stored is not None:
+            self.counters.duplicates += 1
+            log.info("query %s/%s was answered already: re-sending the stored reply", wearer,
+                     query.id)
+            self._publish(stored.topic, stored.payload, correlation=stored.correlation,
+                          on_acked=self._ack_after([msg.ack]))
+            return
+        if self._stopping.is_set():
+            return  # left unacknowledged: the broker redelivers it to the next start
+        now = time.monotonic()
+        job = Job(
+            wearer=wearer, query_id=query.id, priority=query.priority,
+            max_tokens=query.max_tokens, received_at=now,
+            deadline_at=now + query.deadline_s if query.deadline_s is not None else None,
+            payload=QueryWork(query, route), acks=[msg.ack],
+        )
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as full:
+            self._send_error(route.topic, ProtocolError(
+                ErrorCode.BUSY,
+                f"queue is full ({self.scheduler.capacity} queries waiting); retry later",
+                id=query.id, retry_after_ms=full.retry_after_ms,
+            ), route.correlation, [msg.ack])
+            return
+        log.info("query %s/%s queued (%s, max_tokens %d, queue %d)", wearer, query.id,
+                 query.priority, query.max_tokens, len(self.scheduler))
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _final_reply(self, job: Job, payload: bytes, decode_tps: float | None = None,
+                     prefill_ms: float | None = None) -> None:
+        """Store, publish, and acknowledge every delivery of `job` once the broker has it.
+
+        The store is written before the job leaves the scheduler, so a redelivery arriving in
+        between finds one or the other, never neither."""
+        work: QueryWork = job.payload
+        self.store.put(job.wearer, job.query_id, work.route.topic, payload,
+                       work.route.correlation)
+        with self._lock:
+            self.scheduler.finish(job, decode_tps=decode_tps, prefill_ms=prefill_ms)
+            acks = list(job.acks)
+        self.counters.answered += 1
+        self._publish(work.route.topic, payload, correlation=work.route.correlation,
+                      on_acked=self._ack_after(acks))
+
+    def _final_error(self, job: Job, error: ProtocolError) -> None:
+        self.counters.errors += 1
+        log.info("query %s/%s ends with %s", job.wearer, job.query_id, error.code.value)
+        self._final_reply(job, encode(error.payload()))
+
+    def _expire_queued(self) -> None:
+        for job in self.scheduler.take_expired():
+            self._final_error(job, ProtocolError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                "deadline passed before generation started", id=job.query_id))
+
+    def _work_loop(self) -> None:
+        while True:
+            job = self.scheduler.next_job(timeout=0.2)
+            self._expire_queued()
+            if job is None:
+                if self._stopping.is_set() and self.scheduler.running is None:
+                    return
+                continue
+            try:
+                self._run_job(job)
+            except Exception:
+                log.exception("query %s/%s failed", job.wearer, job.query_id)
+                self._final_error(job, ProtocolError(
+                    ErrorCode.INTERNAL, "internal error while generating; see the node's log",
+                    id=job.query_id))
+
+    def _run_job(self, job: Job) -> None:
+        work: QueryWork = job.payload
+        query = work.query
+        started = time.monotonic()
+        if job.expired(started):
+            self._final_error(job, ProtocolError(
+                ErrorCode.DEADLINE_EXCEEDED, "deadline passed before generation started",
+                id=job.query_id))
+            return
+        m = self.config.model
+        config = GenerationConfig(
+            max_new_tokens=query.max_tokens, temperature=m.temperature, top_k=m.top_k,
+            top_p=m.top_p, repetition_penalty=m.repetition_penalty,
+            reasoning_budget=m.reasoning_budget,
+        )
+        streamer = None
+        if query.stream:
+            stream_topic = Topics.stream(work.route.topic)
+            streamer = ChunkStreamer(
+                query.id,
+                lambda data: self._publish(stream_topic, data, qos=0,
+                                           correlation=work.route.correlation),
+                self.config.streaming.interval_ms, self.config.streaming.max_tokens,
+            )
+        pause_s = self.config.governor.pause_ms / 1000.0
+
+        def stop_check() -> str | None:
+            if self._abort.is_set():
+                return _SHUTDOWN
+            if job.cancelled:
+                return "cancelled"
+            if job.expired(time.monotonic()):
+                return "deadline"
+            return None
+
+        def between_steps(step: int) -> None:
+            self.scheduler.progress(query.max_tokens - step)
+            self._expire_queued()
+            if pause_s:
+                time.sleep(pause_s)
+
+        messages = [{"role": "system", "content": m.system_prompt},
+                    {"role": "user", "content": query.text}]
+        try:
+            result = self.engine.chat(
+                messages, config, enable_thinking=m.enable_thinking,
+                on_text=streamer.push if streamer else None,
+                stop_check=stop_check, between_steps=between_steps,
+            )
+        except ContextFullError as exc:
+            self._final_error(job, ProtocolError(ErrorCode.TOO_LARGE, str(exc), field="text",
+                                                 id=job.query_id))
+            return
+        if result.finish_reason == _SHUTDOWN:
+            with self._lock:
+                self.scheduler.finish(job)
+            return  # unacknowledged on purpose: redelivered and answered after the restart
+        if result.completion_tokens == 0 and result.finish_reason in ("cancelled", "deadline"):
+            code = (ErrorCode.CANCELLED if result.finish_reason == "cancelled"
+                    else ErrorCode.DEADLINE_EXCEEDED)
+            self._final_error(job, ProtocolError(
+                code, f"{code.value} before generation started", id=job.query_id))
+            return
+        if streamer is not None:
+            streamer.flush()
+        ended = time.monotonic()
+        t = result.timing
+        payload = encode(advice_payload(
+            query_id=query.id, wearer=job.wearer, node=self.config.node_id, text=result.text,
+            escalation=None, triage=Triage(), finish_reason=result.finish_reason,
+            model_name=self.engine.manifest.name,
+            model_quant=self.engine.manifest.quantization.method,
+            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+            queued_ms=(started - job.received_at) * 1000,
+            first_token_ms=(started - job.received_at) * 1000 + t.first_token_ms
+            if t.first_token_ms is not None else None,
+            total_ms=(ended - job.received_at) * 1000,
+            threads=self.engine.threads, governor_state="nominal",
+        ))
+        self._final_reply(job, payload, decode_tps=t.decode_tps, prefill_ms=t.prefill_ms)
+        log.info("query %s/%s answered: %s, %d tokens, %.0f ms", job.wearer, job.query_id,
+                 result.finish_reason, result.completion_tokens, t.total_ms)
+
+
+def _safe_id(value: str | None) -> str | None:
+    import re
+
+    return value if value is not None and re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", value) else None
