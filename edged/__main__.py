@@ -1,0 +1,4 @@
+from edged.cli import main
+import sys
+
+sys.exit(main())
