@@ -61,8 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, type=Path, help="YAML config file")
 
     demo = sub.add_parser("demo", help="a private broker, the daemon and simulated wearables")
-    demo.add_argument("--model", type=Path, default=None,
-                      help="model directory (default: the bundled test model)")
+    demo.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: the bundled test model)"
+    )
     demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
 
     model = sub.add_parser("model", help="model directories: info, export")

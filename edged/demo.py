@@ -32,9 +32,16 @@ PREFIX = "edged"
 
 
 def _vitals(ts: float, hr: float, spo2: float, rr: float, temp: float) -> dict[str, Any]:
-    return {"ts": int(ts), "window_s": 60, "heart_rate": {"mean": hr, "min": hr - 6,
-            "max": hr + 8}, "spo2": {"mean": spo2, "min": spo2 - 1}, "resp_rate": rr,
-            "temp_c": temp, "activity": "rest", "on_oxygen": False}
+    return {
+        "ts": int(ts),
+        "window_s": 60,
+        "heart_rate": {"mean": hr, "min": hr - 6, "max": hr + 8},
+        "spo2": {"mean": spo2, "min": spo2 - 1},
+        "resp_rate": rr,
+        "temp_c": temp,
+        "activity": "rest",
+        "on_oxygen": False,
+    }
 
 
 def _say(kind: str, text: str) -> None:
@@ -54,16 +61,20 @@ def run_demo(model: Path | None, seconds: float) -> int:
         return 1
     with broker, tempfile.TemporaryDirectory(prefix="edged-demo-") as state:
         print(f"broker:  mosquitto on 127.0.0.1:{broker.port} (private, stopped at the end)")
-        config = parse_config({
-            "node_id": "demo-node",
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": PREFIX},
-            "model": {"path": str(model), "context_length": 1024},
-            "limits": {"default_max_tokens": 40},
-            "delivery": {"state_dir": state},
-        })
+        config = parse_config(
+            {
+                "node_id": "demo-node",
+                "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": PREFIX},
+                "model": {"path": str(model), "context_length": 1024},
+                "limits": {"default_max_tokens": 40},
+                "delivery": {"state_dir": state},
+            }
+        )
         daemon = Daemon(config)
-        print(f"daemon:  node demo-node, model {daemon.engine.manifest.name} "
-              f"({daemon.engine.manifest.quantization.method}, {daemon.engine.threads} threads)")
+        print(
+            f"daemon:  node demo-node, model {daemon.engine.manifest.name} "
+            f"({daemon.engine.manifest.quantization.method}, {daemon.engine.threads} threads)"
+        )
         daemon.start()
         try:
             return _scenario(broker.port, seconds)
@@ -74,24 +85,33 @@ def run_demo(model: Path | None, seconds: float) -> int:
 
 def _scenario(port: int, seconds: float) -> int:
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edged-demo-gateway",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="edged-demo-gateway", protocol=mqtt.MQTTv5
+    )
     client.on_message = lambda c, u, m: inbox.put((m.topic, bytes(m.payload)))
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        client.subscribe([(f"{PREFIX}/v1/+/advice", 1), (f"{PREFIX}/v1/+/alert", 1),
-                          (f"{PREFIX}/v1/+/error", 1), (f"{PREFIX}/v1/+/advice/stream", 0),
-                          (f"{PREFIX}/v1/_node/+/status", 1)])
+        client.subscribe(
+            [
+                (f"{PREFIX}/v1/+/advice", 1),
+                (f"{PREFIX}/v1/+/alert", 1),
+                (f"{PREFIX}/v1/+/error", 1),
+                (f"{PREFIX}/v1/+/advice/stream", 0),
+                (f"{PREFIX}/v1/_node/+/status", 1),
+            ]
+        )
         time.sleep(0.3)
         now = time.time()
         print("\nwearables publish vitals:")
-        client.publish(f"{PREFIX}/v1/w-alice/vitals",
-                       json.dumps(_vitals(now, 72, 98, 14, 36.7)), qos=1)
+        client.publish(
+            f"{PREFIX}/v1/w-alice/vitals", json.dumps(_vitals(now, 72, 98, 14, 36.7)), qos=1
+        )
         _say("w-alice", "HR 72, SpO2 98 %, RR 14, 36.7 °C (normal)")
         for spo2 in (96, 93, 89):
-            client.publish(f"{PREFIX}/v1/w-bob/vitals",
-                           json.dumps(_vitals(now, 104, spo2, 22, 38.2)), qos=1)
+            client.publish(
+                f"{PREFIX}/v1/w-bob/vitals", json.dumps(_vitals(now, 104, spo2, 22, 38.2)), qos=1
+            )
             _say("w-bob", f"HR 104, SpO2 {spo2} %, RR 22, 38.2 °C (falling SpO2)")
         print("\ngateways ask:")
         questions = [
@@ -101,9 +121,12 @@ def _scenario(port: int, seconds: float) -> int:
         for wearer, qid, text, stream in questions:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = f"demo-{qid}".encode()
-            client.publish(f"{PREFIX}/v1/{wearer}/query",
-                           json.dumps({"id": qid, "text": text, "stream": stream}), qos=1,
-                           properties=props)
+            client.publish(
+                f"{PREFIX}/v1/{wearer}/query",
+                json.dumps({"id": qid, "text": text, "stream": stream}),
+                qos=1,
+                properties=props,
+            )
             _say(wearer, f"{qid}: {text}" + (" (streamed)" if stream else ""))
         client.publish(f"{PREFIX}/v1/w-alice/query", b'{"id": "q-3", "text": ', qos=1)
         _say("w-alice", "q-3: a truncated JSON message")
@@ -114,8 +137,9 @@ def _scenario(port: int, seconds: float) -> int:
         client.disconnect()
 
 
-def _print_replies(inbox: queue.Queue[tuple[str, bytes]], expected: set[str],
-                   seconds: float) -> int:
+def _print_replies(
+    inbox: queue.Queue[tuple[str, bytes]], expected: set[str], seconds: float
+) -> int:
     deadline = time.monotonic() + seconds
     chunks = 0
     pending = set(expected)
@@ -131,9 +155,12 @@ def _print_replies(inbox: queue.Queue[tuple[str, bytes]], expected: set[str],
         elif kind == "advice":
             pending.discard(body["id"])
             text = body["text"].replace("\n", " ")
-            _say("advice", f"{body['wearer']} {body['id']}: [{body['finish_reason']}, "
-                 f"{body['usage']['completion_tokens']} tokens, {body['timing_ms']['total']} ms]"
-                 f" {text[:60]!r}{'…' if len(text) > 60 else ''}")
+            _say(
+                "advice",
+                f"{body['wearer']} {body['id']}: [{body['finish_reason']}, "
+                f"{body['usage']['completion_tokens']} tokens, {body['timing_ms']['total']} ms]"
+                f" {text[:60]!r}{'…' if len(text) > 60 else ''}",
+            )
             if chunks:
                 _say("", f"(and {chunks} stream chunks before it)")
                 chunks = 0
@@ -143,12 +170,15 @@ def _print_replies(inbox: queue.Queue[tuple[str, bytes]], expected: set[str],
             pending.discard(body.get("id") or "q-3")
             _say("error", f"{body['code']}: {body['message']}")
         elif kind == "status":
-            _say("status", f"{body['state']}, queue {body['queue']}, "
-                 f"{body.get('mem_available_mb')} MB free")
+            _say(
+                "status",
+                f"{body['state']}, queue {body['queue']}, {body.get('mem_available_mb')} MB free",
+            )
     if pending:
-        print(f"no reply within {seconds:.0f} s for: {', '.join(sorted(pending))}",
-              file=sys.stderr)
+        print(f"no reply within {seconds:.0f} s for: {', '.join(sorted(pending))}", file=sys.stderr)
         return 1
-    print("\nThe test model's weights are random, so its text is noise; export a real model "
-          "with `edged model export` and pass --model.")
+    print(
+        "\nThe test model's weights are random, so its text is noise; export a real model "
+        "with `edged model export` and pass --model."
+    )
     return 0

@@ -52,8 +52,9 @@ class QueueFull(Exception):
         self.retry_after_ms = retry_after_ms
 
 
-def estimate_wait_ms(tokens_ahead: int, decode_tps: float, per_query_overhead_ms: float,
-                     queries_ahead: int) -> int:
+def estimate_wait_ms(
+    tokens_ahead: int, decode_tps: float, per_query_overhead_ms: float, queries_ahead: int
+) -> int:
     """Time until a new query would start: the tokens still to decode ahead of it at the
     measured rate, plus a per-query overhead (prefill, publish)."""
     rate = max(decode_tps, 0.1)
@@ -61,8 +62,12 @@ def estimate_wait_ms(tokens_ahead: int, decode_tps: float, per_query_overhead_ms
 
 
 class Scheduler:
-    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic,
-                 initial_decode_tps: float = 5.0) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        clock: Callable[[], float] = time.monotonic,
+        initial_decode_tps: float = 5.0,
+    ) -> None:
         self.capacity = capacity
         self._clock = clock
         self._queues: dict[str, deque[Job]] = {p: deque() for p in PRIORITIES}
@@ -126,8 +131,9 @@ class Scheduler:
     def progress(self, tokens_left: int) -> None:
         self._running_tokens_left = max(0, tokens_left)
 
-    def finish(self, job: Job, decode_tps: float | None = None,
-               prefill_ms: float | None = None) -> None:
+    def finish(
+        self, job: Job, decode_tps: float | None = None, prefill_ms: float | None = None
+    ) -> None:
         with self._cond:
             if self.running is job:
                 self.running = None

@@ -28,8 +28,13 @@ def daemon_config(port: int, state_dir: Path, **sections: dict[str, Any]) -> dic
     """A config dict for a daemon on the test broker; sections override defaults."""
     config: dict[str, Any] = {
         "node_id": "test-node",
-        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1,
-                 "reconnect_max_s": 0.5, "connect_timeout_s": 3},
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": port,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+            "connect_timeout_s": 3,
+        },
         "model": {"path": str(MODEL), "context_length": 1024, "threads": 1},
         "limits": {"default_max_tokens": 24},
         "delivery": {"state_dir": str(state_dir)},
@@ -59,13 +64,20 @@ class TestClient:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, port: int, subscriptions: list[str], client_id: str | None = None,
-                 persistent: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        subscriptions: list[str],
+        client_id: str | None = None,
+        persistent: bool = False,
+    ) -> None:
         self.inbox: queue.Queue[Received] = queue.Queue()
         self.seen: list[Received] = []
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
-                                   protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
         self._client.on_message = self._on_message
         self._subs = subscriptions
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in self._subs])
@@ -85,8 +97,14 @@ class TestClient:
         corr = getattr(props, "CorrelationData", None) if props else None
         self.inbox.put(Received(msg.topic, bytes(msg.payload), corr, bool(msg.retain)))
 
-    def publish(self, topic: str, payload: bytes | str | dict[str, Any], qos: int = 1,
-                response_topic: str | None = None, correlation: bytes | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | dict[str, Any],
+        qos: int = 1,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
         props = Properties(PacketTypes.PUBLISH)
@@ -112,8 +130,10 @@ class TestClient:
             if match(item):
                 return item
             self.seen.append(item)
-        raise AssertionError(f"no matching message within {timeout} s; saw "
-                             f"{[(r.topic, r.payload[:120]) for r in self.seen][-10:]}")
+        raise AssertionError(
+            f"no matching message within {timeout} s; saw "
+            f"{[(r.topic, r.payload[:120]) for r in self.seen][-10:]}"
+        )
 
     def drain(self, seconds: float) -> list[Received]:
         """Everything that arrives within `seconds` (plus anything seen but unmatched)."""
@@ -133,6 +153,7 @@ class TestClient:
 
 def reply_to(query_id: str) -> Callable[[Received], bool]:
     """Matches the final reply (advice or error) of a query, not stream chunks."""
+
     def match(r: Received) -> bool:
         if r.topic.rsplit("/", 1)[-1] in ("stream", "status", "query", "vitals", "cancel"):
             return False
@@ -141,6 +162,7 @@ def reply_to(query_id: str) -> Callable[[Received], bool]:
         except ValueError:
             return False
         return isinstance(body, dict) and body.get("id") == query_id
+
     return match
 
 
@@ -158,7 +180,10 @@ class DaemonProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edged", "-vv", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
         )
         log.close()
 

@@ -21,8 +21,10 @@ def _have_mosquitto() -> bool:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[PrivateBroker]:
     if not _have_mosquitto():
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients "
-                    "(.ci/run does this)")
+        pytest.fail(
+            "mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients "
+            "(.ci/run does this)"
+        )
     workdir = tmp_path / "broker"
     workdir.mkdir()
     with PrivateBroker(workdir=workdir) as running:

@@ -52,21 +52,55 @@ def _error(received: Received) -> dict[str, Any]:
     return body
 
 
-ADVICE_FIELDS = {"id", "wearer", "node", "text", "escalation", "triage", "finish_reason", "model",
-                 "usage", "timing_ms", "governor", "disclaimer"}
+ADVICE_FIELDS = {
+    "id",
+    "wearer",
+    "node",
+    "text",
+    "escalation",
+    "triage",
+    "finish_reason",
+    "model",
+    "usage",
+    "timing_ms",
+    "governor",
+    "disclaimer",
+}
 
 
 # -- request / response --------------------------------------------------------------------
 
 
-def test_query_answered_via_response_topic_with_mosquitto_rr(broker: PrivateBroker,
-                                                              daemon: Daemon) -> None:
+def test_query_answered_via_response_topic_with_mosquitto_rr(
+    broker: PrivateBroker, daemon: Daemon
+) -> None:
     out = subprocess.run(
-        ["mosquitto_rr", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(broker.port),
-         "-t", f"{P}/w1/query", "-e", f"{P}/w1/replies/rr-1",
-         "-D", "PUBLISH", "correlation-data", "corr-42",
-         "-m", json.dumps(_query("q-rr")), "-W", "20", "-F", "%D %p"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "mosquitto_rr",
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            f"{P}/w1/query",
+            "-e",
+            f"{P}/w1/replies/rr-1",
+            "-D",
+            "PUBLISH",
+            "correlation-data",
+            "corr-42",
+            "-m",
+            json.dumps(_query("q-rr")),
+            "-W",
+            "20",
+            "-F",
+            "%D %p",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     correlation, _, payload = out.stdout.strip().partition(" ")
@@ -80,7 +114,8 @@ def test_query_answered_via_response_topic_with_mosquitto_rr(broker: PrivateBrok
 
 
 def test_query_without_response_topic_goes_to_reply_to_then_advice(
-        daemon: Daemon, gateway: TestClient) -> None:
+    daemon: Daemon, gateway: TestClient
+) -> None:
     gateway.publish(f"{P}/w2/query", _query("q-rt", reply_to=f"{P}/w2/inbox"))
     assert gateway.wait_for(reply_to("q-rt")).topic == f"{P}/w2/inbox"
     gateway.publish(f"{P}/w2/query", _query("q-default"))
@@ -91,24 +126,59 @@ def test_query_without_response_topic_goes_to_reply_to_then_advice(
 
 def test_mosquitto_pub_and_sub_round_trip(broker: PrivateBroker, daemon: Daemon) -> None:
     sub = subprocess.Popen(
-        ["mosquitto_sub", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(broker.port),
-         "-t", f"{P}/w3/advice", "-C", "1", "-W", "20"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "mosquitto_sub",
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            f"{P}/w3/advice",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.3)
-    subprocess.run(["mosquitto_pub", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(broker.port),
-                    "-q", "1", "-t", f"{P}/w3/query", "-m", json.dumps(_query("q-pub"))],
-                   check=True, timeout=10)
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-t",
+            f"{P}/w3/query",
+            "-m",
+            json.dumps(_query("q-pub")),
+        ],
+        check=True,
+        timeout=10,
+    )
     out, _ = sub.communicate(timeout=30)
     assert json.loads(out)["id"] == "q-pub"
 
 
 def test_streaming_chunks_arrive_in_order_and_concatenate_to_the_advice(
-        broker: PrivateBroker, tmp_path: Path, gateway: TestClient) -> None:
+    broker: PrivateBroker, tmp_path: Path, gateway: TestClient
+) -> None:
     daemon = _start_daemon(broker, tmp_path, streaming={"interval_ms": 0, "max_tokens": 2})
     try:
-        gateway.publish(f"{P}/w1/query", _query("q-s", stream=True, max_tokens=40),
-                        response_topic=f"{P}/w1/r", correlation=b"c1")
+        gateway.publish(
+            f"{P}/w1/query",
+            _query("q-s", stream=True, max_tokens=40),
+            response_topic=f"{P}/w1/r",
+            correlation=b"c1",
+        )
         advice = gateway.wait_for(reply_to("q-s"))
         chunks = [r for r in gateway.drain(0.5) + [advice] if r.topic == f"{P}/w1/r/stream"]
         # Chunks are QoS 0 and were published before the advice: all are here by now.
@@ -137,14 +207,24 @@ def test_streaming_chunks_arrive_in_order_and_concatenate_to_the_advice(
         (b'{"id": "e7", "text": "x", "priority": "asap"}', "invalid_schema", "priority"),
         (b'{"id": "e8", "text": "x", "max_tokens": 9000}', "out_of_range", "max_tokens"),
         (b'{"id": "e9", "text": "x", "deadline_s": -1}', "out_of_range", "deadline_s"),
-        (b'{"id": "e10", "text": "x", "max_tokens": 1' + b"0" * 5000 + b"}", "invalid_json",
-         None),
+        (b'{"id": "e10", "text": "x", "max_tokens": 1' + b"0" * 5000 + b"}", "invalid_json", None),
     ],
-    ids=["truncated", "bad-utf8", "nan", "deep-nesting", "missing-text", "wrong-type",
-         "bad-enum", "max-tokens-over-cap", "negative-deadline", "huge-number"],
+    ids=[
+        "truncated",
+        "bad-utf8",
+        "nan",
+        "deep-nesting",
+        "missing-text",
+        "wrong-type",
+        "bad-enum",
+        "max-tokens-over-cap",
+        "negative-deadline",
+        "huge-number",
+    ],
 )
 def test_malformed_query_gets_an_error_naming_the_problem(
-        daemon: Daemon, gateway: TestClient, payload: bytes, code: str, field: str | None) -> None:
+    daemon: Daemon, gateway: TestClient, payload: bytes, code: str, field: str | None
+) -> None:
     gateway.publish(f"{P}/w1/query", payload)
     # A query whose JSON cannot be read has no readable reply topic: its error goes to the
     # error topic. Otherwise the error is the query's reply, on its reply topic (API.md).
@@ -158,9 +238,14 @@ def test_malformed_query_gets_an_error_naming_the_problem(
 
 
 def test_error_with_response_topic_goes_there_with_correlation(
-        daemon: Daemon, gateway: TestClient) -> None:
-    gateway.publish(f"{P}/w1/query", b'{"id": "x1", "max_tokens": 0, "text": "x"}',
-                    response_topic=f"{P}/w1/mine", correlation=b"k")
+    daemon: Daemon, gateway: TestClient
+) -> None:
+    gateway.publish(
+        f"{P}/w1/query",
+        b'{"id": "x1", "max_tokens": 0, "text": "x"}',
+        response_topic=f"{P}/w1/mine",
+        correlation=b"k",
+    )
     got = gateway.wait_for(lambda r: r.topic == f"{P}/w1/mine")
     assert _error(got)["code"] == "out_of_range" and got.json()["id"] == "x1"
     assert got.correlation == b"k"
@@ -192,8 +277,7 @@ def test_invalid_wearer_goes_to_the_node_error_topic(daemon: Daemon, gateway: Te
 def test_foreign_reply_topic_is_refused(daemon: Daemon, gateway: TestClient, how: str) -> None:
     foreign = f"{P}/someone-else/advice"
     if how == "response_topic":
-        gateway.publish(f"{P}/w1/query", _query("q-f"), response_topic=foreign,
-                        correlation=b"z")
+        gateway.publish(f"{P}/w1/query", _query("q-f"), response_topic=foreign, correlation=b"z")
     else:
         gateway.publish(f"{P}/w1/query", _query("q-f", reply_to=foreign))
     got = gateway.wait_for(lambda r: r.topic == f"{P}/w1/error")
@@ -208,9 +292,9 @@ def test_foreign_reply_topic_is_refused(daemon: Daemon, gateway: TestClient, how
 
 
 def test_burst_beyond_the_queue_gets_busy_and_the_rest_are_answered(
-        broker: PrivateBroker, tmp_path: Path, gateway: TestClient) -> None:
-    daemon = _start_daemon(broker, tmp_path, limits={"queue_size": 2},
-                           governor={"pause_ms": 20})
+    broker: PrivateBroker, tmp_path: Path, gateway: TestClient
+) -> None:
+    daemon = _start_daemon(broker, tmp_path, limits={"queue_size": 2}, governor={"pause_ms": 20})
     try:
         ids = [f"b{i}" for i in range(8)]
         for qid in ids:
@@ -228,14 +312,17 @@ def test_burst_beyond_the_queue_gets_busy_and_the_rest_are_answered(
 
 
 def test_urgent_query_is_served_before_queued_normal_ones(
-        broker: PrivateBroker, tmp_path: Path, gateway: TestClient) -> None:
+    broker: PrivateBroker, tmp_path: Path, gateway: TestClient
+) -> None:
     daemon = _start_daemon(broker, tmp_path, governor={"pause_ms": 10})
     try:
         for qid in ("n1", "n2", "n3"):
             gateway.publish(f"{P}/w1/query", _query(qid, max_tokens=20))
         gateway.publish(f"{P}/w1/query", _query("u1", max_tokens=20, priority="urgent"))
-        order = [gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice", timeout=30).json()["id"]
-                 for _ in range(4)]
+        order = [
+            gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice", timeout=30).json()["id"]
+            for _ in range(4)
+        ]
         assert order[0] == "n1"  # already running when the urgent one arrived
         assert order[1] == "u1"
         assert order[2:] == ["n2", "n3"]
@@ -243,8 +330,9 @@ def test_urgent_query_is_served_before_queued_normal_ones(
         daemon.stop()
 
 
-def test_cancel_queued_and_running_queries(broker: PrivateBroker, tmp_path: Path,
-                                           gateway: TestClient) -> None:
+def test_cancel_queued_and_running_queries(
+    broker: PrivateBroker, tmp_path: Path, gateway: TestClient
+) -> None:
     daemon = _start_daemon(broker, tmp_path, governor={"pause_ms": 30})
     try:
         gateway.publish(f"{P}/w1/query", _query("run", max_tokens=200, stream=True))
@@ -263,8 +351,9 @@ def test_cancel_queued_and_running_queries(broker: PrivateBroker, tmp_path: Path
         daemon.stop()
 
 
-def test_deadlines_before_and_during_generation(broker: PrivateBroker, tmp_path: Path,
-                                                gateway: TestClient) -> None:
+def test_deadlines_before_and_during_generation(
+    broker: PrivateBroker, tmp_path: Path, gateway: TestClient
+) -> None:
     daemon = _start_daemon(broker, tmp_path, governor={"pause_ms": 30})
     try:
         gateway.publish(f"{P}/w1/query", _query("long", max_tokens=200, deadline_s=1.0))
@@ -288,7 +377,8 @@ def test_same_id_from_two_wearers_is_two_queries(daemon: Daemon, gateway: TestCl
 
 
 def test_retried_query_id_gets_the_stored_reply_byte_identical(
-        daemon: Daemon, gateway: TestClient) -> None:
+    daemon: Daemon, gateway: TestClient
+) -> None:
     gateway.publish(f"{P}/w1/query", _query("dup"))
     first = gateway.wait_for(reply_to("dup"))
     gateway.publish(f"{P}/w1/query", _query("dup", text="a different text, same id"))
@@ -310,15 +400,27 @@ def test_retained_status_has_the_api_fields(daemon: Daemon, broker: PrivateBroke
         status = late.wait_for(lambda r: r.topic == f"{P}/_node/test-node/status")
         assert status.retain
         body = status.json()
-        assert set(body) == {"state", "version", "model", "threads", "governor", "temp_c",
-                             "mem_available_mb", "queue", "decode_tps", "uptime_s", "ts"}
+        assert set(body) == {
+            "state",
+            "version",
+            "model",
+            "threads",
+            "governor",
+            "temp_c",
+            "mem_available_mb",
+            "queue",
+            "decode_tps",
+            "uptime_s",
+            "ts",
+        }
         assert body["state"] == "online" and body["model"] == "tiny-qwen3-int4"
     finally:
         late.close()
 
 
-def test_graceful_stop_publishes_draining_then_offline(broker: PrivateBroker,
-                                                       tmp_path: Path) -> None:
+def test_graceful_stop_publishes_draining_then_offline(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
     watcher = TestClient(broker.port, [f"{P}/_node/+/status"])
     proc = DaemonProcess(daemon_config(broker.port, tmp_path / "state"), tmp_path)
     proc.start()
@@ -334,8 +436,7 @@ def test_graceful_stop_publishes_draining_then_offline(broker: PrivateBroker,
         watcher.close()
 
 
-def test_sigkill_makes_the_last_will_publish_offline(broker: PrivateBroker,
-                                                     tmp_path: Path) -> None:
+def test_sigkill_makes_the_last_will_publish_offline(broker: PrivateBroker, tmp_path: Path) -> None:
     watcher = TestClient(broker.port, [f"{P}/_node/+/status"])
     proc = DaemonProcess(daemon_config(broker.port, tmp_path / "state"), tmp_path)
     proc.start()
@@ -343,16 +444,18 @@ def test_sigkill_makes_the_last_will_publish_offline(broker: PrivateBroker,
         proc.wait_log("connected to broker")
         watcher.wait_for(lambda r: r.topic.endswith("/status") and r.json()["state"] == "online")
         proc.kill()
-        offline = watcher.wait_for(lambda r: r.topic.endswith("/status")
-                                   and r.json() == {"state": "offline"}, timeout=10)
+        offline = watcher.wait_for(
+            lambda r: r.topic.endswith("/status") and r.json() == {"state": "offline"}, timeout=10
+        )
         assert offline.json() == {"state": "offline"}
     finally:
         proc.stop()
         watcher.close()
 
 
-def test_query_answered_after_daemon_killed_mid_generation(broker: PrivateBroker,
-                                                           tmp_path: Path) -> None:
+def test_query_answered_after_daemon_killed_mid_generation(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
     config = daemon_config(broker.port, tmp_path / "state", governor={"pause_ms": 40})
     gateway = TestClient(broker.port, [f"{P}/w1/#"], client_id="gw-kill", persistent=True)
     proc = DaemonProcess(config, tmp_path)
@@ -388,10 +491,10 @@ def test_query_answered_after_daemon_killed_mid_generation(broker: PrivateBroker
 
 
 def test_queries_queued_across_a_broker_restart_are_all_answered(
-        broker: PrivateBroker, tmp_path: Path) -> None:
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
     daemon = _start_daemon(broker, tmp_path, governor={"pause_ms": 10})
-    gateway = TestClient(broker.port, [f"{P}/w1/advice"], client_id="gw-restart",
-                         persistent=True)
+    gateway = TestClient(broker.port, [f"{P}/w1/advice"], client_id="gw-restart", persistent=True)
     try:
         ids = [f"r{i}" for i in range(6)]
         for qid in ids:

@@ -52,10 +52,12 @@ def _resolve_paths(config: EdgedConfig, base_dir: Path) -> EdgedConfig:
     state_dir = config.delivery.state_dir
     if not state_dir.is_absolute():
         state_dir = base_dir / state_dir
-    return config.model_copy(update={
-        "model": config.model.model_copy(update={"path": model_path}),
-        "delivery": config.delivery.model_copy(update={"state_dir": state_dir}),
-    })
+    return config.model_copy(
+        update={
+            "model": config.model.model_copy(update={"path": model_path}),
+            "delivery": config.delivery.model_copy(update={"state_dir": state_dir}),
+        }
+    )
 
 
 def load_config(path: str | Path) -> EdgedConfig:

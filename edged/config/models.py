@@ -36,7 +36,8 @@ class MqttConfig(Section):
     host: str = Field("127.0.0.1", description="broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual for TLS)")
     topic_prefix: str = Field(
-        "edged", pattern=r"^[A-Za-z0-9][A-Za-z0-9_/-]{0,63}$",
+        "edged",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_/-]{0,63}$",
         description="first topic level(s) of every topic, see docs/mqtt-api.md",
     )
     client_id: str | None = Field(None, description="MQTT client id; default edged-{node_id}")
@@ -45,7 +46,8 @@ class MqttConfig(Section):
     password_file: Path | None = Field(None, description="file holding the broker password")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive interval")
     session_expiry_s: int = Field(
-        7 * 24 * 3600, ge=0,
+        7 * 24 * 3600,
+        ge=0,
         description="how long the broker keeps this node's session (and queries sent to it) "
         "while the daemon is down",
     )
@@ -56,9 +58,7 @@ class MqttConfig(Section):
     allow_foreign_reply_topics: bool = Field(
         False, description="accept reply topics outside {prefix}/v1/{wearer}/"
     )
-    max_outbox: int = Field(
-        1000, ge=10, description="replies held while the broker is unreachable"
-    )
+    max_outbox: int = Field(1000, ge=10, description="replies held while the broker is unreachable")
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttConfig:
@@ -101,7 +101,9 @@ class LimitsConfig(Section):
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a query may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens of a query that gives none")
     max_query_chars: int = Field(4000, ge=1, description="longest query text")
-    queue_size: int = Field(16, ge=1, le=10000, description="queries waiting beyond the running one")
+    queue_size: int = Field(
+        16, ge=1, le=10000, description="queries waiting beyond the running one"
+    )
     drain_timeout_s: float = Field(
         10.0, ge=0, description="on stop, how long the running generation may finish"
     )
@@ -126,7 +128,8 @@ class DeliveryConfig(Section):
         Path("/var/lib/edged"), description="where the answered-query store lives (SQLite)"
     )
     answered_ttl_s: int = Field(
-        24 * 3600, ge=60,
+        24 * 3600,
+        ge=60,
         description="how long a final reply is kept to re-send on redelivery, never regenerate",
     )
 
@@ -137,7 +140,9 @@ class StatusConfig(Section):
 
 class GovernorConfig(Section):
     pause_ms: float = Field(
-        0.0, ge=0, le=10000,
+        0.0,
+        ge=0,
+        le=10000,
         description="pause between decode steps (duty cycle); the governor will adjust it",
     )
 

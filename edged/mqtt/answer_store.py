@@ -67,11 +67,19 @@ class AnswerStore:
             ).fetchone()
         if row is None:
             return None
-        return StoredReply(row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None,
-                           row[3])
+        return StoredReply(
+            row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None, row[3]
+        )
 
-    def put(self, wearer: str, query_id: str, topic: str, payload: bytes,
-            correlation: bytes | None, now: float | None = None) -> None:
+    def put(
+        self,
+        wearer: str,
+        query_id: str,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        now: float | None = None,
+    ) -> None:
         now = time.time() if now is None else now
         with self._lock:
             self._db.execute(
@@ -82,8 +90,9 @@ class AnswerStore:
     def purge(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         with self._lock:
-            cur = self._db.execute("DELETE FROM answered WHERE answered_at < ?",
-                                   (now - self.ttl_s,))
+            cur = self._db.execute(
+                "DELETE FROM answered WHERE answered_at < ?", (now - self.ttl_s,)
+            )
         if cur.rowcount:
             log.debug("purged %d answered queries older than %.0f s", cur.rowcount, self.ttl_s)
         return cur.rowcount

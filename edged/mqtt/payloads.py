@@ -19,8 +19,9 @@ DISCLAIMER = (
 
 def encode(payload: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; `allow_nan=False` because a NaN would be invalid JSON on the wire."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,12 @@ class Triage:
     missing: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"news2": self.news2, "risk": self.risk, "red_flags": list(self.red_flags),
-                "missing": list(self.missing)}
+        return {
+            "news2": self.news2,
+            "risk": self.risk,
+            "red_flags": list(self.red_flags),
+            "missing": list(self.missing),
+        }
 
 
 def advice_payload(
@@ -64,8 +69,11 @@ def advice_payload(
         "finish_reason": finish_reason,
         "model": {"name": model_name, "quant": model_quant},
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        "timing_ms": {"queued": _ms(queued_ms), "first_token": _ms(first_token_ms),
-                      "total": _ms(total_ms)},
+        "timing_ms": {
+            "queued": _ms(queued_ms),
+            "first_token": _ms(first_token_ms),
+            "total": _ms(total_ms),
+        },
         "governor": {"threads": threads, "state": governor_state},
         "disclaimer": DISCLAIMER,
     }

@@ -16,8 +16,14 @@ from edged.mqtt.payloads import chunk_payload, encode
 
 
 class ChunkStreamer:
-    def __init__(self, query_id: str, send: Callable[[bytes], None], interval_ms: float,
-                 max_pieces: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        query_id: str,
+        send: Callable[[bytes], None],
+        interval_ms: float,
+        max_pieces: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._id = query_id
         self._send = send
         self._interval_s = interval_ms / 1000.0
@@ -31,8 +37,10 @@ class ChunkStreamer:
         if not delta:
             return
         self._buffer.append(delta)
-        if (len(self._buffer) >= self._max_pieces
-                or self._clock() - self._last_sent >= self._interval_s):
+        if (
+            len(self._buffer) >= self._max_pieces
+            or self._clock() - self._last_sent >= self._interval_s
+        ):
             self.flush()
 
     def flush(self) -> None:

@@ -132,8 +132,9 @@ class MqttTransport:
                 props.CorrelationData = correlation_data
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            log.error("outbox full (%d messages): dropped a message to %s",
-                      self._cfg.max_outbox, topic)
+            log.error(
+                "outbox full (%d messages): dropped a message to %s", self._cfg.max_outbox, topic
+            )
             return False
         with self._lock:
             if qos == 0 or on_acked is None:
@@ -223,8 +224,9 @@ class MqttTransport:
                 log.warning("disconnected from broker %s:%d", self._cfg.host, self._cfg.port)
             if self._stopping.is_set():
                 break
-            delay = backoff_delay(attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s,
-                                  self._rng)
+            delay = backoff_delay(
+                attempt, self._cfg.reconnect_min_s, self._cfg.reconnect_max_s, self._rng
+            )
             attempt += 1
             self._stopping.wait(delay)
         # Flush the DISCONNECT packet queued by stop().
@@ -242,8 +244,9 @@ class MqttTransport:
             props.SessionExpiryInterval = cfg.session_expiry_s
         try:
             if self._protocol == mqtt.MQTTv5:
-                self._client.connect(cfg.host, cfg.port, cfg.keepalive_s, clean_start=False,
-                                     properties=props)
+                self._client.connect(
+                    cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+                )
             else:
                 self._client.connect(cfg.host, cfg.port, cfg.keepalive_s)
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -261,9 +264,13 @@ class MqttTransport:
                 break
         connack = self._connack
         if connack is None:
-            log.warning("broker %s:%d did not accept the connection within %.1f s "
-                        "(TLS client certificate rejected?)", cfg.host, cfg.port,
-                        cfg.connect_timeout_s)
+            log.warning(
+                "broker %s:%d did not accept the connection within %.1f s "
+                "(TLS client certificate rejected?)",
+                cfg.host,
+                cfg.port,
+                cfg.connect_timeout_s,
+            )
             self._client.disconnect()
             return False
         if _is_failure(connack):
@@ -276,14 +283,25 @@ class MqttTransport:
             return False
         return True
 
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
-                    reason_code: ReasonCode, properties: object) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason_code: ReasonCode,
+        properties: object,
+    ) -> None:
         self._connack = reason_code
         if _is_failure(reason_code):
             return
         session = getattr(flags, "session_present", None)
-        log.info("connected to broker %s:%d (MQTT %s, session present: %s)",
-                 self._cfg.host, self._cfg.port, self.protocol, session)
+        log.info(
+            "connected to broker %s:%d (MQTT %s, session present: %s)",
+            self._cfg.host,
+            self._cfg.port,
+            self.protocol,
+            session,
+        )
         client.subscribe([(topic, qos) for topic, qos in self._subscriptions])
         self._connected.set()
         if self._on_connected_cb is not None:
@@ -292,12 +310,17 @@ class MqttTransport:
             except Exception:
                 log.exception("on_connected handler failed")
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object,
-                       reason_code: ReasonCode, properties: object) -> None:
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason_code: ReasonCode,
+        properties: object,
+    ) -> None:
         self._connected.clear()
 
-    def _on_message(self, client: mqtt.Client, userdata: object,
-                    msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -321,16 +344,23 @@ class MqttTransport:
             # message stays unacked so the broker redelivers it.
             log.exception("message handler failed on topic %s", topic)
 
-    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
-                    reason_code: ReasonCode, properties: object) -> None:
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: object,
+    ) -> None:
         with self._lock:
             callback = self._pending.pop(mid, None)
             if callback is None:
                 now = time.monotonic()
                 self._early[mid] = now
                 if len(self._early) > 256:
-                    self._early = {m: t for m, t in self._early.items()
-                                   if now - t < _EARLY_ACK_TTL_S}
+                    self._early = {
+                        m: t for m, t in self._early.items() if now - t < _EARLY_ACK_TTL_S
+                    }
                 return
         try:
             callback()

@@ -15,6 +15,7 @@ running is answered once, for every delivery.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -31,7 +32,14 @@ from edged.config.models import EdgedConfig
 from edged.engine import ContextFullError, Engine, EngineOptions, GenerationConfig
 from edged.mqtt.answer_store import AnswerStore
 from edged.mqtt.errors import ErrorCode, ProtocolError
-from edged.mqtt.messages import Query, Vitals, decode_payload, parse_cancel, parse_query, parse_vitals
+from edged.mqtt.messages import (
+    Query,
+    Vitals,
+    decode_payload,
+    parse_cancel,
+    parse_query,
+    parse_vitals,
+)
 from edged.mqtt.payloads import Triage, advice_payload, encode, status_payload
 from edged.mqtt.streaming import ChunkStreamer
 from edged.mqtt.topics import Topics
@@ -78,8 +86,12 @@ VitalsHandler = Callable[[str, Vitals], None]
 
 
 class Daemon:
-    def __init__(self, config: EdgedConfig, engine: Engine | None = None,
-                 on_vitals: VitalsHandler | None = None) -> None:
+    def __init__(
+        self,
+        config: EdgedConfig,
+        engine: Engine | None = None,
+        on_vitals: VitalsHandler | None = None,
+    ) -> None:
         self.config = config
         self.topics = Topics(config.mqtt.topic_prefix, config.node_id)
         self.engine = engine or self._load_engine(config)
@@ -104,15 +116,17 @@ class Daemon:
             on_connected=self.publish_status,
         )
         self._worker = threading.Thread(target=self._work_loop, name="edged-worker", daemon=True)
-        self._status = threading.Thread(target=self._status_loop, name="edged-status",
-                                        daemon=True)
+        self._status = threading.Thread(target=self._status_loop, name="edged-status", daemon=True)
 
     @staticmethod
     def _load_engine(config: EdgedConfig) -> Engine:
         m = config.model
-        return Engine.load(m.path, EngineOptions(threads=m.threads,
-                                                 context_length=m.context_length,
-                                                 verify_hashes=m.verify_hashes))
+        return Engine.load(
+            m.path,
+            EngineOptions(
+                threads=m.threads, context_length=m.context_length, verify_hashes=m.verify_hashes
+            ),
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -121,9 +135,15 @@ class Daemon:
         self._worker.start()
         self._status.start()
         self.transport.start()
-        log.info("edged %s node %s serving %s on %s:%d (prefix %s)", __version__,
-                 self.config.node_id, self.engine.manifest.name, self.config.mqtt.host,
-                 self.config.mqtt.port, self.config.mqtt.topic_prefix)
+        log.info(
+            "edged %s node %s serving %s on %s:%d (prefix %s)",
+            __version__,
+            self.config.node_id,
+            self.engine.manifest.name,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+            self.config.mqtt.topic_prefix,
+        )
 
     def stop(self) -> None:
         """Graceful stop: take no new queries (they stay queued at the broker), let the running
@@ -142,8 +162,10 @@ class Daemon:
         while self.scheduler.running is not None and time.monotonic() < deadline:
             time.sleep(0.02)
         if self.scheduler.running is not None:
-            log.warning("drain timeout: abandoning the running generation; the broker will "
-                        "redeliver its query")
+            log.warning(
+                "drain timeout: abandoning the running generation; the broker will "
+                "redeliver its query"
+            )
             self._abort.set()
         self.scheduler.close()
         self._worker.join(timeout=30)
@@ -164,19 +186,21 @@ class Daemon:
 
     def _status_bytes(self) -> bytes:
         manifest = self.engine.manifest
-        return encode(status_payload(
-            state=self.state.value,
-            version=__version__,
-            model=manifest.name,
-            threads=self.engine.threads,
-            governor="nominal",
-            temp_c=None,
-            mem_available_mb=int(psutil.virtual_memory().available / 2**20),
-            queue=len(self.scheduler),
-            decode_tps=self.scheduler.decode_tps if self.counters.answered else None,
-            uptime_s=time.monotonic() - self._started_at,
-            ts=time.time(),
-        ))
+        return encode(
+            status_payload(
+                state=self.state.value,
+                version=__version__,
+                model=manifest.name,
+                threads=self.engine.threads,
+                governor="nominal",
+                temp_c=None,
+                mem_available_mb=int(psutil.virtual_memory().available / 2**20),
+                queue=len(self.scheduler),
+                decode_tps=self.scheduler.decode_tps if self.counters.answered else None,
+                uptime_s=time.monotonic() - self._started_at,
+                ts=time.time(),
+            )
+        )
 
     def publish_status(self) -> None:
         self._publish(self.topics.status(), self._status_bytes(), retain=True)
@@ -192,24 +216,34 @@ class Daemon:
 
     # -- inbound (network thread) ----------------------------------------------------------
 
-    def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                 correlation: bytes | None = None,
-                 on_acked: Callable[[], None] | None = None) -> None:
-        self.transport.publish(topic, payload, qos=qos, retain=retain,
-                               correlation_data=correlation, on_acked=on_acked)
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+        on_acked: Callable[[], None] | None = None,
+    ) -> None:
+        self.transport.publish(
+            topic, payload, qos=qos, retain=retain, correlation_data=correlation, on_acked=on_acked
+        )
 
     def _ack_after(self, acks: list[AckToken]) -> Callable[[], None]:
         def ack_all() -> None:
             for token in acks:
                 self.transport.ack(token)
+
         return ack_all
 
-    def _send_error(self, topic: str, error: ProtocolError, correlation: bytes | None,
-                    acks: list[AckToken]) -> None:
+    def _send_error(
+        self, topic: str, error: ProtocolError, correlation: bytes | None, acks: list[AckToken]
+    ) -> None:
         self.counters.errors += 1
         log.info("error %s on %s (field %s)", error.code.value, topic, error.field)
-        self._publish(topic, encode(error.payload()), correlation=correlation,
-                      on_acked=self._ack_after(acks))
+        self._publish(
+            topic, encode(error.payload()), correlation=correlation, on_acked=self._ack_after(acks)
+        )
 
     def _on_message(self, msg: InboundMessage) -> None:
         self.counters.received += 1
@@ -245,21 +279,27 @@ class Daemon:
         job = self.scheduler.cancel((wearer, cancel.id))
         if job is not None:
             # Cancelled before generation started: the query's final reply is the error.
-            self._final_error(job, ProtocolError(
-                ErrorCode.CANCELLED, "cancelled before generation started", id=job.query_id))
+            self._final_error(
+                job,
+                ProtocolError(
+                    ErrorCode.CANCELLED, "cancelled before generation started", id=job.query_id
+                ),
+            )
         # A cancel for an unknown, running or finished id needs no reply (API.md).
         self.transport.ack(msg.ack)
 
-    def _reply_route(self, wearer: str, msg: InboundMessage,
-                     obj: dict[str, Any] | None) -> ReplyRoute:
+    def _reply_route(
+        self, wearer: str, msg: InboundMessage, obj: dict[str, Any] | None
+    ) -> ReplyRoute:
         """Where this query's replies go; raises ProtocolError(forbidden_reply_topic)."""
         requested = msg.response_topic
         if requested is None and obj is not None and isinstance(obj.get("reply_to"), str):
             requested = obj["reply_to"]
         if requested is None:
             return ReplyRoute(self.topics.advice(wearer), msg.correlation_data)
-        if not self.topics.reply_allowed(wearer, requested,
-                                         self.config.mqtt.allow_foreign_reply_topics):
+        if not self.topics.reply_allowed(
+            wearer, requested, self.config.mqtt.allow_foreign_reply_topics
+        ):
             shown = requested if len(requested) <= 80 else requested[:77] + "..."
             raise ProtocolError(
                 ErrorCode.FORBIDDEN_REPLY_TOPIC,
@@ -278,23 +318,25 @@ class Daemon:
             # Without JSON only an MQTT 5 Response Topic can tell where the reply goes.
             topic = error_topic
             if msg.response_topic is not None:
-                try:
+                with contextlib.suppress(ProtocolError):
                     topic = self._reply_route(wearer, msg, None).topic
-                except ProtocolError:
-                    pass
             self._send_error(topic, err, msg.correlation_data, [msg.ack])
             return
         query_id = obj.get("id") if isinstance(obj.get("id"), str) else None
         try:
             route = self._reply_route(wearer, msg, obj)
         except ProtocolError as err:
-            self._send_error(error_topic, err.with_id(_safe_id(query_id)), msg.correlation_data,
-                             [msg.ack])
+            self._send_error(
+                error_topic, err.with_id(_safe_id(query_id)), msg.correlation_data, [msg.ack]
+            )
             return
         try:
-            query = parse_query(obj, max_tokens_cap=limits.max_tokens_cap,
-                                default_max_tokens=limits.default_max_tokens,
-                                max_text_chars=limits.max_query_chars)
+            query = parse_query(
+                obj,
+                max_tokens_cap=limits.max_tokens_cap,
+                default_max_tokens=limits.default_max_tokens,
+                max_text_chars=limits.max_query_chars,
+            )
         except ProtocolError as err:
             self._send_error(route.topic, err, route.correlation, [msg.ack])
             return
@@ -310,49 +352,78 @@ class Daemon:
         stored = self.store.get(wearer, query.id)
         if stored is not None:
             self.counters.duplicates += 1
-            log.info("query %s/%s was answered already: re-sending the stored reply", wearer,
-                     query.id)
-            self._publish(stored.topic, stored.payload, correlation=stored.correlation,
-                          on_acked=self._ack_after([msg.ack]))
+            log.info(
+                "query %s/%s was answered already: re-sending the stored reply", wearer, query.id
+            )
+            self._publish(
+                stored.topic,
+                stored.payload,
+                correlation=stored.correlation,
+                on_acked=self._ack_after([msg.ack]),
+            )
             return
         if self._stopping.is_set():
             return  # left unacknowledged: the broker redelivers it to the next start
         now = time.monotonic()
         job = Job(
-            wearer=wearer, query_id=query.id, priority=query.priority,
-            max_tokens=query.max_tokens, received_at=now,
+            wearer=wearer,
+            query_id=query.id,
+            priority=query.priority,
+            max_tokens=query.max_tokens,
+            received_at=now,
             deadline_at=now + query.deadline_s if query.deadline_s is not None else None,
-            payload=QueryWork(query, route), acks=[msg.ack],
+            payload=QueryWork(query, route),
+            acks=[msg.ack],
         )
         try:
             self.scheduler.submit(job)
         except QueueFull as full:
-            self._send_error(route.topic, ProtocolError(
-                ErrorCode.BUSY,
-                f"queue is full ({self.scheduler.capacity} queries waiting); retry later",
-                id=query.id, retry_after_ms=full.retry_after_ms,
-            ), route.correlation, [msg.ack])
+            self._send_error(
+                route.topic,
+                ProtocolError(
+                    ErrorCode.BUSY,
+                    f"queue is full ({self.scheduler.capacity} queries waiting); retry later",
+                    id=query.id,
+                    retry_after_ms=full.retry_after_ms,
+                ),
+                route.correlation,
+                [msg.ack],
+            )
             return
-        log.info("query %s/%s queued (%s, max_tokens %d, queue %d)", wearer, query.id,
-                 query.priority, query.max_tokens, len(self.scheduler))
+        log.info(
+            "query %s/%s queued (%s, max_tokens %d, queue %d)",
+            wearer,
+            query.id,
+            query.priority,
+            query.max_tokens,
+            len(self.scheduler),
+        )
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _final_reply(self, job: Job, payload: bytes, decode_tps: float | None = None,
-                     prefill_ms: float | None = None) -> None:
+    def _final_reply(
+        self,
+        job: Job,
+        payload: bytes,
+        decode_tps: float | None = None,
+        prefill_ms: float | None = None,
+    ) -> None:
         """Store, publish, and acknowledge every delivery of `job` once the broker has it.
 
         The store is written before the job leaves the scheduler, so a redelivery arriving in
         between finds one or the other, never neither."""
         work: QueryWork = job.payload
-        self.store.put(job.wearer, job.query_id, work.route.topic, payload,
-                       work.route.correlation)
+        self.store.put(job.wearer, job.query_id, work.route.topic, payload, work.route.correlation)
         with self._lock:
             self.scheduler.finish(job, decode_tps=decode_tps, prefill_ms=prefill_ms)
             acks = list(job.acks)
         self.counters.answered += 1
-        self._publish(work.route.topic, payload, correlation=work.route.correlation,
-                      on_acked=self._ack_after(acks))
+        self._publish(
+            work.route.topic,
+            payload,
+            correlation=work.route.correlation,
+            on_acked=self._ack_after(acks),
+        )
 
     def _final_error(self, job: Job, error: ProtocolError) -> None:
         self.counters.errors += 1
@@ -361,9 +432,14 @@ class Daemon:
 
     def _expire_queued(self) -> None:
         for job in self.scheduler.take_expired():
-            self._final_error(job, ProtocolError(
-                ErrorCode.DEADLINE_EXCEEDED,
-                "deadline passed before generation started", id=job.query_id))
+            self._final_error(
+                job,
+                ProtocolError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "deadline passed before generation started",
+                    id=job.query_id,
+                ),
+            )
 
     def _work_loop(self) -> None:
         while True:
@@ -377,23 +453,36 @@ class Daemon:
                 self._run_job(job)
             except Exception:
                 log.exception("query %s/%s failed", job.wearer, job.query_id)
-                self._final_error(job, ProtocolError(
-                    ErrorCode.INTERNAL, "internal error while generating; see the node's log",
-                    id=job.query_id))
+                self._final_error(
+                    job,
+                    ProtocolError(
+                        ErrorCode.INTERNAL,
+                        "internal error while generating; see the node's log",
+                        id=job.query_id,
+                    ),
+                )
 
     def _run_job(self, job: Job) -> None:
         work: QueryWork = job.payload
         query = work.query
         started = time.monotonic()
         if job.expired(started):
-            self._final_error(job, ProtocolError(
-                ErrorCode.DEADLINE_EXCEEDED, "deadline passed before generation started",
-                id=job.query_id))
+            self._final_error(
+                job,
+                ProtocolError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "deadline passed before generation started",
+                    id=job.query_id,
+                ),
+            )
             return
         m = self.config.model
         config = GenerationConfig(
-            max_new_tokens=query.max_tokens, temperature=m.temperature, top_k=m.top_k,
-            top_p=m.top_p, repetition_penalty=m.repetition_penalty,
+            max_new_tokens=query.max_tokens,
+            temperature=m.temperature,
+            top_k=m.top_k,
+            top_p=m.top_p,
+            repetition_penalty=m.repetition_penalty,
             reasoning_budget=m.reasoning_budget,
         )
         streamer = None
@@ -401,9 +490,11 @@ class Daemon:
             stream_topic = Topics.stream(work.route.topic)
             streamer = ChunkStreamer(
                 query.id,
-                lambda data: self._publish(stream_topic, data, qos=0,
-                                           correlation=work.route.correlation),
-                self.config.streaming.interval_ms, self.config.streaming.max_tokens,
+                lambda data: self._publish(
+                    stream_topic, data, qos=0, correlation=work.route.correlation
+                ),
+                self.config.streaming.interval_ms,
+                self.config.streaming.max_tokens,
             )
         pause_s = self.config.governor.pause_ms / 1000.0
 
@@ -422,47 +513,73 @@ class Daemon:
             if pause_s:
                 time.sleep(pause_s)
 
-        messages = [{"role": "system", "content": m.system_prompt},
-                    {"role": "user", "content": query.text}]
+        messages = [
+            {"role": "system", "content": m.system_prompt},
+            {"role": "user", "content": query.text},
+        ]
         try:
             result = self.engine.chat(
-                messages, config, enable_thinking=m.enable_thinking,
+                messages,
+                config,
+                enable_thinking=m.enable_thinking,
                 on_text=streamer.push if streamer else None,
-                stop_check=stop_check, between_steps=between_steps,
+                stop_check=stop_check,
+                between_steps=between_steps,
             )
         except ContextFullError as exc:
-            self._final_error(job, ProtocolError(ErrorCode.TOO_LARGE, str(exc), field="text",
-                                                 id=job.query_id))
+            self._final_error(
+                job, ProtocolError(ErrorCode.TOO_LARGE, str(exc), field="text", id=job.query_id)
+            )
             return
         if result.finish_reason == _SHUTDOWN:
             with self._lock:
                 self.scheduler.finish(job)
             return  # unacknowledged on purpose: redelivered and answered after the restart
         if result.completion_tokens == 0 and result.finish_reason in ("cancelled", "deadline"):
-            code = (ErrorCode.CANCELLED if result.finish_reason == "cancelled"
-                    else ErrorCode.DEADLINE_EXCEEDED)
-            self._final_error(job, ProtocolError(
-                code, f"{code.value} before generation started", id=job.query_id))
+            code = (
+                ErrorCode.CANCELLED
+                if result.finish_reason == "cancelled"
+                else ErrorCode.DEADLINE_EXCEEDED
+            )
+            self._final_error(
+                job, ProtocolError(code, f"{code.value} before generation started", id=job.query_id)
+            )
             return
         if streamer is not None:
             streamer.flush()
         ended = time.monotonic()
         t = result.timing
-        payload = encode(advice_payload(
-            query_id=query.id, wearer=job.wearer, node=self.config.node_id, text=result.text,
-            escalation=None, triage=Triage(), finish_reason=result.finish_reason,
-            model_name=self.engine.manifest.name,
-            model_quant=self.engine.manifest.quantization.method,
-            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            queued_ms=(started - job.received_at) * 1000,
-            first_token_ms=(started - job.received_at) * 1000 + t.first_token_ms
-            if t.first_token_ms is not None else None,
-            total_ms=(ended - job.received_at) * 1000,
-            threads=self.engine.threads, governor_state="nominal",
-        ))
+        payload = encode(
+            advice_payload(
+                query_id=query.id,
+                wearer=job.wearer,
+                node=self.config.node_id,
+                text=result.text,
+                escalation=None,
+                triage=Triage(),
+                finish_reason=result.finish_reason,
+                model_name=self.engine.manifest.name,
+                model_quant=self.engine.manifest.quantization.method,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                queued_ms=(started - job.received_at) * 1000,
+                first_token_ms=(started - job.received_at) * 1000 + t.first_token_ms
+                if t.first_token_ms is not None
+                else None,
+                total_ms=(ended - job.received_at) * 1000,
+                threads=self.engine.threads,
+                governor_state="nominal",
+            )
+        )
         self._final_reply(job, payload, decode_tps=t.decode_tps, prefill_ms=t.prefill_ms)
-        log.info("query %s/%s answered: %s, %d tokens, %.0f ms", job.wearer, job.query_id,
-                 result.finish_reason, result.completion_tokens, t.total_ms)
+        log.info(
+            "query %s/%s answered: %s, %d tokens, %.0f ms",
+            job.wearer,
+            job.query_id,
+            result.finish_reason,
+            result.completion_tokens,
+            t.total_ms,
+        )
 
 
 def _safe_id(value: str | None) -> str | None:
