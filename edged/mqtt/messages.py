@@ -1,0 +1,620 @@
+"""Inbound payloads (contract v1): bytes -> JSON object -> `Vitals`, `Query` or `Cancel`.
+
+Everything here is a pure function that either returns a typed, range-checked object or raises
+`ProtocolError` with the exact wire error; nothing else escapes, whatever the bytes. The checks
+are written by hand over plain dicts because the daemon validates thousands of vitals summaries
+a second on one small core.
+
+Rules this module adds where the contract is silent (each is documented at its check):
+- `null` for an optional field means "not given";
+- integer fields (`max_tokens`, `steps`, `spo2_scale`) accept integer-valued numbers (`256.0`);
+  a fraction is `invalid_schema`; `spo2_scale` other than 1 or 2 is `invalid_schema` (an enum);
+- a bare-number vital is its mean; min <= mean <= max must hold, else `out_of_range` on the
+  vital (`field` = `heart_rate`);
+- `ts` must lie between 2000-01-01 and a day after the daemon's clock (`out_of_range`); an RFC
+  3339 `ts` needs its offset (`Z` or `+hh:mm`), may use a space for `T`, and may be a leap second;
+- `deadline_s` is at most `MAX_DEADLINE_S` (a day), `out_of_range` beyond;
+- array items are named `events[3]` in `field`;
+- strings holding unpaired surrogates (a JSON `"\\ud800"` escape) are `invalid_schema`: they
+  cannot be encoded again;
+- a leading UTF-8 byte order mark is ignored (RFC 8259 section 8.1 allows this);
+- JSON nested deeper than `MAX_JSON_DEPTH` is `invalid_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from itertools import accumulate
+from typing import Any, NoReturn
+
+from edged.mqtt.errors import ErrorCode, ProtocolError, json_type, show_value
+from edged.mqtt.topics import MAX_TOPIC_CHARS
+
+DEFAULT_MAX_BYTES = 16 * 1024
+"""Contract v1: the default size limit per message."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects accepted; far beyond any v1 message, far below the stack."""
+
+QUERY_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+PRIORITIES = ("normal", "urgent")
+MAX_DEADLINE_S = 86400.0
+"""A query deadline longer than a day is a client bug, not a wish: out_of_range."""
+
+VITAL_RANGES: Mapping[str, tuple[float, float]] = {
+    # Contract v1, "Plausible ranges" (inclusive): beyond them a reading is a sensor or unit
+    # error, not a patient.
+    "heart_rate": (20, 300),
+    "spo2": (50, 100),
+    "resp_rate": (2, 80),
+    "temp_c": (25, 45),
+    "systolic_bp": (40, 300),
+    "diastolic_bp": (20, 200),
+    "hrv_rmssd_ms": (0, 500),
+    "steps": (0, 100000),
+}
+"""Every vital that is a number or a {mean, min, max} object, with its plausible range."""
+INTEGER_VITALS = frozenset({"steps"})
+WINDOW_S_RANGE = (1, 3600)
+ACTIVITIES = ("rest", "walk", "run", "sleep", "unknown")
+CONSCIOUSNESS_LEVELS = ("alert", "new_confusion", "voice", "pain", "unresponsive")
+"""ACVPU, with `new_confusion` for C (RCP NEWS2 2017)."""
+SPO2_SCALES = (1, 2)
+"""NEWS2 SpO2 scale 1 (default) or 2 (hypercapnic respiratory failure, RCP NEWS2 2017)."""
+EVENT_PATTERN = r"^[a-z0-9_]{1,64}$"
+MAX_EVENTS = 16
+MIN_TS = 946684800.0
+"""2000-01-01T00:00:00Z: anything earlier is an unset clock or a wrong unit."""
+MAX_TS_AHEAD_S = 86400.0
+"""How far past the daemon's clock a `ts` may lie (gateway clocks drift; days do not)."""
+
+_ID_RE = re.compile(QUERY_ID_PATTERN)
+_EVENT_RE = re.compile(EVENT_PATTERN)
+_RFC3339_RE = re.compile(
+    # RFC 3339 section 5.6; section 5.6's note allows a space for the T.
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
+)
+# Strings are removed before brackets are counted; the closing quote is optional so that an
+# unterminated string costs one pass, never one pass per quote.
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
+_BRACKET_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
+_INF = math.inf
+
+
+def _raise(code: ErrorCode, message: str, field: str | None = None) -> NoReturn:
+    raise ProtocolError(code, message, field)
+
+
+def _schema(message: str, field: str | None) -> NoReturn:
+    raise ProtocolError(ErrorCode.INVALID_SCHEMA, message, field)
+
+
+def _wrong_type(field: str, expected: str, value: Any) -> NoReturn:
+    _schema(f"{field} must be {expected}, got {json_type(value)}", field)
+
+
+def _outside(field: str, value: Any, lo: float, hi: float) -> NoReturn:
+    raise ProtocolError(
+        ErrorCode.OUT_OF_RANGE, f"{field} = {show_value(value)} is outside {lo}..{hi}", field
+    )
+
+
+def _not_one_of(field: str, value: Any, allowed: tuple[Any, ...]) -> NoReturn:
+    _schema(f"{field} = {show_value(value)} is not one of {', '.join(map(str, allowed))}", field)
+
+
+# -- bytes -> dict ---------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> NoReturn:
+    _raise(ErrorCode.INVALID_JSON, f"payload is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value == _INF or value == -_INF:
+        _raise(
+            ErrorCode.INVALID_JSON,
+            f"payload is not valid JSON: the number {show_value(literal)} overflows a double",
+        )
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest array/object nesting of `text`; exact for valid JSON."""
+    brackets = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
+    return max(accumulate(map(_BRACKET_DEPTH.__getitem__, brackets)), default=0)
+
+
+def decode_payload(
+    payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> dict[str, Any]:
+    """The JSON object in `payload`.
+
+    Raises ProtocolError: `too_large` past `max_bytes` (checked before anything is decoded);
+    `invalid_json` for bad UTF-8 (naming the byte offset), bad JSON, NaN/Infinity, numbers that
+    overflow a double, integers past Python's digit limit, nesting deeper than `max_depth`;
+    `invalid_schema` when the top level is not an object. Duplicate keys: the last one wins.
+    """
+    size = len(payload)
+    if size > max_bytes:
+        _raise(ErrorCode.TOO_LARGE, f"payload is {size} bytes; the limit is {max_bytes}")
+    if size == 0:
+        _raise(ErrorCode.INVALID_JSON, "payload is empty")
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # `from None` here and below: the decoder's exceptions hold the payload (`.doc`,
+        # `.object`), which must not ride along into a logged traceback.
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON,
+            f"payload is not valid UTF-8: {exc.reason} at byte offset {exc.start}",
+        ) from None
+    if text[0] == "\ufeff":
+        text = text[1:]
+    if text.count("[") + text.count("{") > max_depth and _json_depth(text) > max_depth:
+        _raise(ErrorCode.INVALID_JSON, f"payload nests deeper than {max_depth} levels")
+    try:
+        obj = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"payload is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "payload is nested too deeply") from None
+    except ValueError as exc:
+        # int() past sys.get_int_max_str_digits(); its own message names interpreter internals.
+        detail = "an integer has too many digits" if "digits" in str(exc) else "unreadable"
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON, f"payload is not valid JSON: {detail}"
+        ) from None
+    if not isinstance(obj, dict):
+        _schema(f"payload must be a JSON object, got {json_type(obj)}", None)
+    return obj
+
+
+# -- field checks ----------------------------------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    """int or float, never bool (JSON `true` is not 1)."""
+    kind = type(value)
+    if kind is int or kind is float:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown_number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _encodable(field: str, value: str) -> None:
+    """Reject unpaired surrogates (JSON `\\ud800` escapes): nothing downstream can encode them."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_SCHEMA,
+            f"{field} has an unpaired surrogate at character {exc.start}",
+            field,
+        ) from None
+
+
+def _bool(obj: Mapping[str, Any], field: str, default: bool | None) -> bool | None:
+    value = obj.get(field)
+    if value is None:
+        return default
+    if value is True or value is False:
+        return value
+    _wrong_type(field, "a boolean", value)
+
+
+def _enum(obj: Mapping[str, Any], field: str, allowed: tuple[str, ...]) -> str | None:
+    value = obj.get(field)
+    if value is None:
+        return None
+    if type(value) is not str:
+        _wrong_type(field, "a string", value)
+    if value not in allowed:
+        _not_one_of(field, value, allowed)
+    return value
+
+
+def _whole(field: str, value: Any) -> int:
+    """An integer-valued JSON number as int (`256.0` is accepted: JSON has one number type)."""
+    if type(value) is int:
+        return value
+    if not _is_number(value):
+        _wrong_type(field, "an integer", value)
+    if isinstance(value, int):
+        return int(value)
+    if not value.is_integer():
+        _schema(f"{field} = {show_value(value)} must be a whole number", field)
+    return int(value)
+
+
+def _number_in(field: str, value: Any, lo: float, hi: float) -> float:
+    if not _is_number(value):
+        _wrong_type(field, "a number", value)
+    # Compare before float(): an int with hundreds of digits would overflow float().
+    if not lo <= value <= hi:
+        _outside(field, value, lo, hi)
+    return float(value)
+
+
+def _query_id(obj: Mapping[str, Any]) -> str:
+    value = obj.get("id")
+    if value is None:
+        _schema("id is required", "id")
+    if type(value) is not str:
+        _wrong_type("id", "a string", value)
+    if _ID_RE.fullmatch(value) is None:
+        _schema(f"id = {show_value(value)} does not match {QUERY_ID_PATTERN}", "id")
+    return value
+
+
+def _require_object(obj: Any) -> None:
+    if not isinstance(obj, dict):
+        _schema(f"payload must be a JSON object, got {json_type(obj)}", None)
+
+
+# -- query -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    id: str
+    """Client-chosen, unique per wearer."""
+    text: str
+    """The wearer's words: PHI, never logged or echoed in errors."""
+    max_tokens: int
+    stream: bool
+    priority: str
+    """`normal` or `urgent` (served first)."""
+    deadline_s: float | None
+    """Seconds from receipt; None: no deadline."""
+    include_vitals: bool
+    reply_to: str | None
+    """The payload's reply topic (for MQTT 3.1.1 clients); not yet checked against the rules
+    of `Topics.reply_allowed`, and a MQTT 5 Response Topic takes precedence."""
+
+
+def parse_query(
+    obj: dict[str, Any],
+    *,
+    max_tokens_cap: int = 512,
+    default_max_tokens: int = 256,
+    max_text_chars: int = 4000,
+    max_deadline_s: float = MAX_DEADLINE_S,
+) -> Query:
+    """A validated query.
+
+    Raises ProtocolError (`invalid_schema` or `out_of_range`) naming the first bad field; the
+    error carries the query id whenever the id itself was valid. `max_tokens` above the cap is
+    `out_of_range`, never clamped; `deadline_s` must be in (0, `max_deadline_s`].
+    """
+    _require_object(obj)
+    query_id = _query_id(obj)
+    try:
+        return _query_fields(
+            obj, query_id, max_tokens_cap, default_max_tokens, max_text_chars, max_deadline_s
+        )
+    except ProtocolError as exc:
+        raise exc.with_id(query_id) from None
+
+
+def _query_fields(
+    obj: dict[str, Any],
+    query_id: str,
+    max_tokens_cap: int,
+    default_max_tokens: int,
+    max_text_chars: int,
+    max_deadline_s: float,
+) -> Query:
+    # Messages about `text` give its length only: the text is the patient's own words.
+    text = obj.get("text")
+    if text is None:
+        _schema("text is required", "text")
+    if type(text) is not str:
+        _wrong_type("text", "a string", text)
+    if not text:
+        _schema(f"text is empty; it must be 1..{max_text_chars} characters", "text")
+    if len(text) > max_text_chars:
+        _schema(f"text is {len(text)} characters; the limit is {max_text_chars}", "text")
+    _encodable("text", text)
+
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens, max_tokens_cap)
+    else:
+        max_tokens = _whole("max_tokens", max_tokens)
+        if not 1 <= max_tokens <= max_tokens_cap:
+            _outside("max_tokens", max_tokens, 1, max_tokens_cap)
+
+    priority = _enum(obj, "priority", PRIORITIES) or "normal"
+
+    deadline_s = obj.get("deadline_s")
+    if deadline_s is not None:
+        if not _is_number(deadline_s):
+            _wrong_type("deadline_s", "a number", deadline_s)
+        if not 0 < deadline_s <= max_deadline_s:
+            raise ProtocolError(
+                ErrorCode.OUT_OF_RANGE,
+                f"deadline_s = {show_value(deadline_s)} must be > 0 and <= {max_deadline_s:g}",
+                "deadline_s",
+            )
+        deadline_s = float(deadline_s)
+
+    reply_to = obj.get("reply_to")
+    if reply_to is not None:
+        if type(reply_to) is not str:
+            _wrong_type("reply_to", "a string", reply_to)
+        if not reply_to:
+            _schema("reply_to is empty; leave it out to reply on the default topic", "reply_to")
+        if len(reply_to) > MAX_TOPIC_CHARS:
+            _schema(
+                f"reply_to is {len(reply_to)} characters; the limit is {MAX_TOPIC_CHARS}",
+                "reply_to",
+            )
+        _encodable("reply_to", reply_to)
+
+    stream = _bool(obj, "stream", False)
+    include_vitals = _bool(obj, "include_vitals", True)
+    return Query(
+        id=query_id,
+        text=text,
+        max_tokens=max_tokens,
+        stream=bool(stream),
+        priority=priority,
+        deadline_s=deadline_s,
+        include_vitals=bool(include_vitals),
+        reply_to=reply_to,
+    )
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: str
+    """The query to cancel; unknown or finished ids are ignored by the scheduler."""
+
+
+def parse_cancel(obj: dict[str, Any]) -> Cancel:
+    _require_object(obj)
+    return Cancel(_query_id(obj))
+
+
+# -- vitals ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VitalStat:
+    """One vital over the window: any of mean, min, max (at least one); a bare number is a mean."""
+
+    mean: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def worst_low(self) -> float:
+        """The lowest value present (min, else mean, else max): what low-side rules score."""
+        for value in (self.min, self.mean, self.max):
+            if value is not None:
+                return value
+        raise ValueError("VitalStat has no value")
+
+    @property
+    def worst_high(self) -> float:
+        """The highest value present (max, else mean, else min): what high-side rules score."""
+        for value in (self.max, self.mean, self.min):
+            if value is not None:
+                return value
+        raise ValueError("VitalStat has no value")
+
+    @property
+    def central(self) -> float:
+        """The mean, else the midpoint of min and max, else the only value present."""
+        if self.mean is not None:
+            return self.mean
+        if self.min is not None and self.max is not None:
+            return (self.min + self.max) / 2
+        return self.worst_low
+
+
+@dataclass(frozen=True, slots=True)
+class Vitals:
+    """One vitals summary from a wearer's gateway; every vital optional except `ts`."""
+
+    ts: float
+    """When the gateway took the summary, UNIX seconds (an RFC 3339 `ts` is converted)."""
+    window_s: float | None = None
+    heart_rate: VitalStat | None = None
+    spo2: VitalStat | None = None
+    resp_rate: VitalStat | None = None
+    temp_c: VitalStat | None = None
+    systolic_bp: VitalStat | None = None
+    diastolic_bp: VitalStat | None = None
+    hrv_rmssd_ms: VitalStat | None = None
+    steps: VitalStat | None = None
+    """Step count; its values are whole numbers."""
+    activity: str | None = None
+    on_oxygen: bool | None = None
+    spo2_scale: int | None = None
+    consciousness: str | None = None
+    events: tuple[str, ...] = ()
+    """Event names as sent (unknown ones kept, for forward compatibility), in order."""
+
+
+def parse_vitals(obj: dict[str, Any], *, now: float | None = None) -> Vitals:
+    """A validated vitals summary; `now` (UNIX seconds, default: the clock) bounds `ts`.
+
+    Raises ProtocolError. `out_of_range`: a vital outside `VITAL_RANGES` (field `spo2.min`, or
+    `heart_rate` for a bare number), `window_s` outside 1..3600, `ts` before 2000 or more than a
+    day after `now`, and a vital whose values are out of order (min <= mean <= max must hold;
+    field: the vital). `invalid_schema`: wrong types, unknown enum values, a vital object with
+    none of mean/min/max, bad event names, more than 16 events, an unreadable RFC 3339 `ts`.
+    Booleans are never numbers. Unknown fields are ignored.
+    """
+    _require_object(obj)
+    get = obj.get
+    ts = _timestamp(get("ts"), time.time() if now is None else now)
+
+    window_s = get("window_s")
+    if window_s is not None:
+        window_s = _number_in("window_s", window_s, *WINDOW_S_RANGE)
+
+    heart_rate, spo2, resp_rate, temp_c, systolic_bp, diastolic_bp, hrv_rmssd_ms, steps = (
+        None if (value := get(spec[0])) is None else _vital_stat(spec, value)
+        for spec in _VITAL_SPECS
+    )
+
+    spo2_scale = get("spo2_scale")
+    if spo2_scale is not None:
+        spo2_scale = _whole("spo2_scale", spo2_scale)
+        if spo2_scale not in SPO2_SCALES:
+            _not_one_of("spo2_scale", spo2_scale, SPO2_SCALES)
+
+    raw_events = get("events")
+    return Vitals(
+        ts=ts,
+        window_s=window_s,
+        heart_rate=heart_rate,
+        spo2=spo2,
+        resp_rate=resp_rate,
+        temp_c=temp_c,
+        systolic_bp=systolic_bp,
+        diastolic_bp=diastolic_bp,
+        hrv_rmssd_ms=hrv_rmssd_ms,
+        steps=steps,
+        activity=_enum(obj, "activity", ACTIVITIES),
+        on_oxygen=_bool(obj, "on_oxygen", None),
+        spo2_scale=spo2_scale,
+        consciousness=_enum(obj, "consciousness", CONSCIOUSNESS_LEVELS),
+        events=() if raw_events is None else _events(raw_events),
+    )
+
+
+_VitalSpec = tuple[str, float, float, bool, str, str, str]
+_VITAL_SPECS: tuple[_VitalSpec, ...] = tuple(
+    (name, lo, hi, name in INTEGER_VITALS, f"{name}.mean", f"{name}.min", f"{name}.max")
+    for name, (lo, hi) in VITAL_RANGES.items()
+)
+# parse_vitals unpacks the specs positionally, in the order of the Vitals fields.
+assert [spec[0] for spec in _VITAL_SPECS] == [f.name for f in fields(Vitals)][2:10]
+
+
+def _stat_value(path: str, value: Any, lo: float, hi: float, whole: bool) -> float:
+    if whole:
+        _whole(path, value)
+    return _number_in(path, value, lo, hi)
+
+
+def _vital_stat(spec: _VitalSpec, value: Any) -> VitalStat:
+    name, lo, hi, whole, mean_path, min_path, max_path = spec
+    if type(value) is not dict:
+        if not _is_number(value):
+            _wrong_type(name, "a number or an object with mean, min or max", value)
+        return VitalStat(_stat_value(name, value, lo, hi, whole))
+    mean = value.get("mean")
+    low = value.get("min")
+    high = value.get("max")
+    if mean is None and low is None and high is None:
+        _schema(f"{name} must have at least one of mean, min, max", name)
+    if mean is not None:
+        mean = _stat_value(mean_path, mean, lo, hi, whole)
+    if low is not None:
+        low = _stat_value(min_path, low, lo, hi, whole)
+    if high is not None:
+        high = _stat_value(max_path, high, lo, hi, whole)
+    if mean is not None:
+        if low is not None and low > mean:
+            _out_of_order(name, "min", low, "mean", mean)
+        if high is not None and mean > high:
+            _out_of_order(name, "mean", mean, "max", high)
+    elif low is not None and high is not None and low > high:
+        _out_of_order(name, "min", low, "max", high)
+    return VitalStat(mean, low, high)
+
+
+def _out_of_order(name: str, key_a: str, a: float, key_b: str, b: float) -> NoReturn:
+    raise ProtocolError(
+        ErrorCode.OUT_OF_RANGE,
+        f"{name}.{key_a} = {_shown_number(a)} is above {name}.{key_b} = {_shown_number(b)}; "
+        "min <= mean <= max must hold",
+        name,
+    )
+
+
+def _timestamp(value: Any, now: float) -> float:
+    if value is None:
+        _schema("ts is required", "ts")
+    if type(value) is str:
+        seconds = _rfc3339_seconds(value)
+    elif _is_number(value):
+        seconds = value
+    else:
+        _wrong_type("ts", "a number (UNIX seconds) or an RFC 3339 string", value)
+    latest = now + MAX_TS_AHEAD_S
+    if not MIN_TS <= seconds <= latest:
+        hint = " (milliseconds?)" if _is_number(value) and seconds > 1e11 else ""
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE,
+            f"ts = {show_value(value)} is outside {MIN_TS:.0f}..{latest:.0f} "
+            f"(2000-01-01 to a day from now){hint}",
+            "ts",
+        )
+    return float(seconds)
+
+
+def _rfc3339_seconds(value: str) -> float:
+    match = _RFC3339_RE.fullmatch(value)
+    if match is None:
+        _schema(f"ts = {show_value(value)} is not UNIX seconds or an RFC 3339 date-time", "ts")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, sign, off_h, off_m = match.groups()[6:]
+    try:
+        if second > 60:
+            raise ValueError("second must be in 0..60")
+        # datetime has no leap second: 23:59:60 is read as 23:59:59 plus one second.
+        moment = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=timezone.utc)
+        if sign is not None and (int(off_h) > 23 or int(off_m) > 59):
+            raise ValueError("offset must be at most 23:59")
+    except ValueError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_SCHEMA,
+            f"ts = {show_value(value)} is not a valid RFC 3339 date-time: {exc}",
+            "ts",
+        ) from None
+    seconds = moment.timestamp() + (second == 60) + (float(fraction) if fraction else 0.0)
+    if sign is not None:
+        offset = int(off_h) * 3600 + int(off_m) * 60
+        seconds -= offset if sign == "+" else -offset
+    return seconds
+
+
+def _events(value: Any) -> tuple[str, ...]:
+    if type(value) is not list:
+        _wrong_type("events", "an array of strings", value)
+    if len(value) > MAX_EVENTS:
+        _schema(f"events has {len(value)} items; the limit is {MAX_EVENTS}", "events")
+    for index, event in enumerate(value):
+        if type(event) is not str:
+            _wrong_type(f"events[{index}]", "a string", event)
+        if _EVENT_RE.fullmatch(event) is None:
+            _schema(
+                f"events[{index}] = {show_value(event)} does not match {EVENT_PATTERN}",
+                f"events[{index}]",
+            )
+    return tuple(value)
