@@ -149,7 +149,8 @@ class SharedKVRunner(_RunnerBase):
         self.session.run_with_iobinding(io)
         self.length += len(ids)
         if step_buffer is not None:
-            return step_buffer[0, -1].copy()
+            # A view, not a copy: the caller picks the next token before the next forward.
+            return step_buffer[0, -1]
         # Presents were bound first, logits last: a rebinding keeps its place.
         return self._last_logits(io.get_outputs()[-1])
 
