@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +80,20 @@ def _dtype(type_str: str, name: str) -> type:
         raise ModelDirError(f"graph input {name!r} has unsupported type {type_str}") from None
 
 
-def _genai_shares_buffer(model_dir: Path) -> bool | None:
+def _genai_config(model_dir: Path) -> dict[str, Any]:
     cfg = model_dir / "genai_config.json"
     if not cfg.is_file():
-        return None
+        return {}
     try:
-        search = json.loads(cfg.read_text()).get("search", {})
-    except (OSError, json.JSONDecodeError):
-        return None
-    value = search.get("past_present_share_buffer")
-    return bool(value) if value is not None else None
+        data = json.loads(cfg.read_text())
+        return {**data.get("model", {}), "search": data.get("search", {})}
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+        return {}
+
+
+def _genai_decoder(model_dir: Path) -> dict[str, Any]:
+    decoder = _genai_config(model_dir).get("decoder", {})
+    return decoder if isinstance(decoder, dict) else {}
 
 
 def inspect_graph(
@@ -131,13 +136,19 @@ def inspect_graph(
 
     first = inputs[past_names[0]]
     kv_heads, head_dim = first.shape[1], first.shape[3]
+    genai = _genai_decoder(model_dir)
+    # The stock onnxruntime-genai builder leaves these symbolic; its config has them.
+    if not isinstance(kv_heads, int):
+        kv_heads = genai.get("num_key_value_heads")
+    if not isinstance(head_dim, int):
+        head_dim = genai.get("head_size")
     if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
         raise ModelDirError(
             f"{manifest.graph_file}: {first.name} shape {first.shape} needs fixed kv_heads and "
             "head_dim (dimensions 1 and 3)"
         )
     gqa = manifest.exporter == "ort-genai" or "position_ids" not in inputs
-    shares = _genai_shares_buffer(model_dir)
+    shares = _genai_config(model_dir).get("search", {}).get("past_present_share_buffer")
     logits_shape = outputs["logits"].shape
     return GraphLayout(
         kind="gqa" if gqa else "optimum",
@@ -150,7 +161,7 @@ def inspect_graph(
         has_position_ids="position_ids" in inputs,
         # GroupQueryAttention appends in place when past and present are the same buffer; the
         # optimum graph concatenates, so it can never share.
-        shared_kv_buffer=gqa and (shares if shares is not None else True),
+        shared_kv_buffer=gqa and (bool(shares) if shares is not None else True),
         past_names=tuple(past_names),
         present_names=tuple(present_names),
         logits_name="logits",
