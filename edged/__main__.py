@@ -1,4 +1,5 @@
-from edged.cli import main
 import sys
+
+from edged.cli import main
 
 sys.exit(main())

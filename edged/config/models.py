@@ -78,6 +78,11 @@ class ModelConfig(Section):
     context_length: int = Field(
         2048, ge=64, le=131072, description="KV cache size in tokens (prompt + answer)"
     )
+    spin_threads: bool = Field(
+        False,
+        description="let idle inference threads busy-wait: a few % faster decode, but on a "
+        "small board they steal the CPU the MQTT and vitals path needs",
+    )
     verify_hashes: bool = Field(True, description="check the model files' sha256 at start")
     system_prompt: str = Field(
         "You are a careful medical assistant running on a patient's own device. Answer briefly "

@@ -34,6 +34,7 @@ from edged.config.models import MqttConfig
 log = logging.getLogger(__name__)
 
 _EARLY_ACK_TTL_S = 60.0
+_STABLE_CONNECTION_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -212,16 +213,31 @@ class MqttTransport:
 
     def _run(self) -> None:
         attempt = 0
+        short_lived = 0
         while not self._stopping.is_set():
             if self._connect_once():
-                attempt = 0
+                connected_at = time.monotonic()
                 while not self._stopping.is_set():
                     rc = self._client.loop(timeout=0.2)
                     if rc != mqtt.MQTT_ERR_SUCCESS:
                         break
-            if self._connected.is_set():
-                self._connected.clear()
-                log.warning("disconnected from broker %s:%d", self._cfg.host, self._cfg.port)
+                # Only a connection that held resets the backoff: one that the broker drops
+                # at once (bad ACL, another client taking the session) must not turn into a
+                # reconnect loop.
+                if time.monotonic() - connected_at >= _STABLE_CONNECTION_S:
+                    attempt = short_lived = 0
+                else:
+                    short_lived += 1
+                    if short_lived == 3:
+                        log.error(
+                            "broker %s:%d keeps dropping the connection right after accepting "
+                            "it; is another client using client id %r (two daemons with the "
+                            "same node_id)?",
+                            self._cfg.host,
+                            self._cfg.port,
+                            self._client_id,
+                        )
+            self._connected.clear()
             if self._stopping.is_set():
                 break
             delay = backoff_delay(
@@ -318,7 +334,15 @@ class MqttTransport:
         reason_code: ReasonCode,
         properties: object,
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
+        if was_connected and not self._stopping.is_set():
+            log.warning(
+                "lost the connection to broker %s:%d (%s); reconnecting",
+                self._cfg.host,
+                self._cfg.port,
+                reason_code,
+            )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -368,6 +392,10 @@ class MqttTransport:
             log.exception("publish-acknowledged handler failed")
 
 
+def _value(code: ReasonCode | int) -> int:
+    return int(code.value) if isinstance(code, ReasonCode) else int(code)
+
+
 def _is_failure(code: ReasonCode | int) -> bool:
     if isinstance(code, ReasonCode):
         return bool(code.is_failure)
@@ -376,5 +404,4 @@ def _is_failure(code: ReasonCode | int) -> bool:
 
 def _unsupported_protocol(code: ReasonCode | int) -> bool:
     # MQTT 5 reason 0x84 "Unsupported Protocol Version"; a 3.1.1 broker answers 0x01.
-    value = code.value if isinstance(code, ReasonCode) else code
-    return value in (0x84, 0x01)
+    return _value(code) in (0x84, 0x01)

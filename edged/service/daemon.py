@@ -124,7 +124,10 @@ class Daemon:
         return Engine.load(
             m.path,
             EngineOptions(
-                threads=m.threads, context_length=m.context_length, verify_hashes=m.verify_hashes
+                threads=m.threads,
+                context_length=m.context_length,
+                verify_hashes=m.verify_hashes,
+                spin=m.spin_threads,
             ),
         )
 
