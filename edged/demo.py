@@ -71,10 +71,14 @@ def run_demo(model: Path | None, seconds: float) -> int:
             }
         )
         daemon = Daemon(config)
-        print(
-            f"daemon:  node demo-node, model {daemon.engine.manifest.name} "
-            f"({daemon.engine.manifest.quantization.method}, {daemon.engine.threads} threads)"
-        )
+        engine = daemon.engine
+        if engine is None:
+            print("daemon:  the model did not load: answers will be triage-only (degraded)")
+        else:
+            print(
+                f"daemon:  node demo-node, model {engine.manifest.name} "
+                f"({engine.manifest.quantization.method}, {engine.threads} threads)"
+            )
         daemon.start()
         try:
             return _scenario(broker.port, seconds)
@@ -160,6 +164,11 @@ def _print_replies(
                 f"{body['wearer']} {body['id']}: [{body['finish_reason']}, "
                 f"{body['usage']['completion_tokens']} tokens, {body['timing_ms']['total']} ms]"
                 f" {text[:60]!r}{'…' if len(text) > 60 else ''}",
+            )
+            _say(
+                "",
+                f"triage: NEWS2 {body['triage']['news2']}, risk {body['triage']['risk']}"
+                + (f"; escalation: {body['escalation']}" if body["escalation"] else ""),
             )
             if chunks:
                 _say("", f"(and {chunks} stream chunks before it)")

@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edged.mqtt.topics import WEARER_PATTERN, sanitize_node_id
 
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a health assistant running on a patient's own wearable hub. You see the wearer's "
+    "recent vital signs and an automatic early-warning score. Answer in two to four short, "
+    "plain sentences. Do not diagnose, do not name or dose medicines, and do not contradict the "
+    "early-warning score. Say clearly when the wearer should contact their care team or "
+    "emergency services. If you are unsure, say so and advise asking a clinician."
+)
+
+Severity = Literal["low_medium", "medium", "high"]
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,9 +94,13 @@ class ModelConfig(Section):
         "small board they steal the CPU the MQTT and vitals path needs",
     )
     verify_hashes: bool = Field(True, description="check the model files' sha256 at start")
+    enabled: bool = Field(
+        True,
+        description="false: never run the model; every query is answered from the "
+        "deterministic triage alone (finish_reason degraded)",
+    )
     system_prompt: str = Field(
-        "You are a careful medical assistant running on a patient's own device. Answer briefly "
-        "and plainly. Say when symptoms need a clinician, and never replace emergency care.",
+        DEFAULT_SYSTEM_PROMPT,
         description="system message of every query; its KV is computed once and cached",
     )
     enable_thinking: bool = Field(False, description="let thinking models reason before answering")
@@ -152,6 +166,140 @@ class GovernorConfig(Section):
     )
 
 
+def _default_flag_severities() -> dict[str, Severity]:
+    return {
+        "spo2_low": "high",
+        "fall": "high",
+        "bradycardia": "high",
+        "resting_tachycardia": "medium",
+        "irregular_rhythm": "medium",
+        "fever": "medium",
+        "resting_hr_rising": "low_medium",
+    }
+
+
+def _default_escalation() -> dict[Severity, str]:
+    return {
+        "low_medium": "One of your readings is outside its usual range: let your care team "
+        "know today.",
+        "medium": "Your readings suggest you need a prompt review: contact your care team "
+        "or out-of-hours service now.",
+        "high": "Your readings suggest a serious problem: call your emergency number or "
+        "your care team's urgent line now.",
+    }
+
+
+class RedFlagConfig(Section):
+    """Wearable red flags beyond NEWS2. A flag raises an alert whatever the NEWS2 score."""
+
+    spo2_low_below: float = Field(
+        90.0,
+        ge=50,
+        le=100,
+        # BTS guideline for oxygen use (O'Driscoll et al., Thorax 2017): below 90 % on a
+        # scale-1 patient needs urgent assessment.
+        description="spo2_low: every SpO2 reading of the window has its minimum below this",
+    )
+    resting_tachycardia_above: float = Field(
+        120.0,
+        ge=60,
+        le=300,
+        description="resting_tachycardia: heart rate above this while activity is rest/sleep",
+    )
+    bradycardia_below: float = Field(
+        40.0,
+        ge=20,
+        le=100,
+        # NEWS2 chart 1 scores a pulse <= 40 with 3 points.
+        description="bradycardia: heart rate below this",
+    )
+    fever_at_or_above: float = Field(
+        39.1,
+        ge=37,
+        le=45,
+        # NEWS2 chart 1: 39.1 °C starts the highest temperature band.
+        description="fever: temperature at or above this",
+    )
+    resting_hr_rise_pct: float = Field(
+        25.0,
+        gt=0,
+        le=500,
+        description="resting_hr_rising: latest resting heart rate this much above the median "
+        "of the wearer's earlier resting readings in the window",
+    )
+    resting_hr_min_baseline: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="earlier resting readings needed before the trend rule applies",
+    )
+    severities: dict[str, Severity] = Field(
+        default_factory=_default_flag_severities,
+        description="severity of each red flag (low_medium | medium | high)",
+    )
+
+    @model_validator(mode="after")
+    def _known_flags(self) -> RedFlagConfig:
+        known = {
+            "spo2_low",
+            "fall",
+            "bradycardia",
+            "resting_tachycardia",
+            "irregular_rhythm",
+            "fever",
+            "resting_hr_rising",
+        }
+        unknown = sorted(set(self.severities) - known)
+        if unknown:
+            raise ValueError(
+                f"clinical.red_flags.severities: unknown flag(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return self
+
+    def severity(self, flag: str) -> Severity:
+        return self.severities.get(flag, "medium")
+
+
+class ClinicalConfig(Section):
+    window_s: float = Field(1800.0, ge=60, le=86400, description="rolling vitals window per wearer")
+    max_wearers: int = Field(
+        10000, ge=1, le=1_000_000, description="wearers kept; the least recently seen is evicted"
+    )
+    max_summaries_per_wearer: int = Field(
+        360, ge=1, le=100000, description="summaries kept per wearer within the window"
+    )
+    wearer_ttl_s: float = Field(
+        3600.0, ge=60, description="a wearer with no summary for this long is forgotten"
+    )
+    alert_cooldown_s: float = Field(
+        300.0,
+        ge=0,
+        description="an alert for the same or a lesser condition is repeated at most this often; "
+        "a worse one goes out at once",
+    )
+    vitals_prompt_tokens: int = Field(
+        160, ge=16, le=2048, description="token budget of the vitals summary in a prompt"
+    )
+    red_flags: RedFlagConfig = Field(default_factory=RedFlagConfig)
+    escalation: dict[Severity, str] = Field(
+        default_factory=_default_escalation,
+        description="the deterministic escalation sentence for each severity",
+    )
+    disclaimer: str = Field(
+        "Generated on this device by a small language model and an automatic early-warning "
+        "score. It is not a diagnosis. In an emergency call your local emergency number.",
+        description="attached to every advice reply",
+    )
+
+    @model_validator(mode="after")
+    def _every_level_has_a_sentence(self) -> ClinicalConfig:
+        missing = [lvl for lvl in ("low_medium", "medium", "high") if lvl not in self.escalation]
+        if missing:
+            raise ValueError(f"clinical.escalation: no sentence for {', '.join(missing)}")
+        return self
+
+
 class EdgedConfig(Section):
     node_id: str = Field(
         default_factory=lambda: sanitize_node_id(socket.gethostname()),
@@ -165,6 +313,7 @@ class EdgedConfig(Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
+    clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="journal/console log level; query text is never logged at info"
     )

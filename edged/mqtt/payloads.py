@@ -11,11 +11,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-DISCLAIMER = (
-    "Generated on this device by a small language model from the wearer's own data. It is "
-    "not a diagnosis. In an emergency call your local emergency number."
-)
-
 
 def encode(payload: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; `allow_nan=False` because a NaN would be invalid JSON on the wire."""
@@ -49,7 +44,7 @@ def advice_payload(
     escalation: str | None,
     triage: Triage,
     finish_reason: str,
-    model_name: str,
+    model_name: str | None,
     model_quant: str | None,
     prompt_tokens: int | None,
     completion_tokens: int | None,
@@ -58,6 +53,7 @@ def advice_payload(
     total_ms: float | None,
     threads: int | None,
     governor_state: str | None,
+    disclaimer: str,
 ) -> dict[str, Any]:
     return {
         "id": query_id,
@@ -75,7 +71,7 @@ def advice_payload(
             "total": _ms(total_ms),
         },
         "governor": {"threads": threads, "state": governor_state},
-        "disclaimer": DISCLAIMER,
+        "disclaimer": disclaimer,
     }
 
 

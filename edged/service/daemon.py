@@ -28,8 +28,26 @@ from typing import Any
 import psutil
 
 from edged import __version__
+from edged.clinical.advice import (
+    degraded_text,
+    escalation,
+    triage_payload,
+    user_message,
+    vitals_context,
+)
+from edged.clinical.alerts import AlertGate, alert_payload
+from edged.clinical.state import VitalsState
+from edged.clinical.triage import Triage as ClinicalTriage
+from edged.clinical.triage import assess
 from edged.config.models import EdgedConfig
-from edged.engine import ContextFullError, Engine, EngineOptions, GenerationConfig
+from edged.engine import (
+    ContextFullError,
+    Engine,
+    EngineOptions,
+    GenerationConfig,
+    GenerationResult,
+    ModelDirError,
+)
 from edged.mqtt.answer_store import AnswerStore
 from edged.mqtt.errors import ErrorCode, ProtocolError
 from edged.mqtt.messages import (
@@ -40,7 +58,7 @@ from edged.mqtt.messages import (
     parse_query,
     parse_vitals,
 )
-from edged.mqtt.payloads import Triage, advice_payload, encode, status_payload
+from edged.mqtt.payloads import advice_payload, encode, status_payload
 from edged.mqtt.streaming import ChunkStreamer
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import AckToken, InboundMessage, MqttTransport
@@ -80,6 +98,7 @@ class Counters:
     answered: int = 0
     errors: int = 0
     duplicates: int = 0
+    alerts: int = 0
 
 
 VitalsHandler = Callable[[str, Vitals], None]
@@ -94,8 +113,18 @@ class Daemon:
     ) -> None:
         self.config = config
         self.topics = Topics(config.mqtt.topic_prefix, config.node_id)
-        self.engine = engine or self._load_engine(config)
-        self.system_prompt_tokens = self.engine.set_system_prompt(config.model.system_prompt)
+        self.engine: Engine | None = engine or self._load_engine(config)
+        self.system_prompt_tokens = (
+            self.engine.set_system_prompt(config.model.system_prompt) if self.engine else 0
+        )
+        clinical = config.clinical
+        self.vitals = VitalsState(
+            clinical.window_s,
+            clinical.max_wearers,
+            clinical.max_summaries_per_wearer,
+            clinical.wearer_ttl_s,
+        )
+        self.alerts = AlertGate(clinical.alert_cooldown_s, clinical.max_wearers)
         state_dir = Path(config.delivery.state_dir)
         self.store = AnswerStore(state_dir / "answered.sqlite3", config.delivery.answered_ttl_s)
         self.scheduler = Scheduler(config.limits.queue_size)
@@ -119,22 +148,31 @@ class Daemon:
         self._status = threading.Thread(target=self._status_loop, name="edged-status", daemon=True)
 
     @staticmethod
-    def _load_engine(config: EdgedConfig) -> Engine:
+    def _load_engine(config: EdgedConfig) -> Engine | None:
+        """The engine, or None when the model is disabled or cannot be loaded: the daemon then
+        still serves alerts and answers queries from triage alone (`degraded`)."""
         m = config.model
-        return Engine.load(
-            m.path,
-            EngineOptions(
-                threads=m.threads,
-                context_length=m.context_length,
-                verify_hashes=m.verify_hashes,
-                spin=m.spin_threads,
-            ),
-        )
+        if not m.enabled:
+            log.warning("model disabled by config: queries get triage-only (degraded) answers")
+            return None
+        try:
+            return Engine.load(
+                m.path,
+                EngineOptions(
+                    threads=m.threads,
+                    context_length=m.context_length,
+                    verify_hashes=m.verify_hashes,
+                    spin=m.spin_threads,
+                ),
+            )
+        except ModelDirError as exc:
+            log.error("model cannot be loaded, serving triage-only (degraded) answers: %s", exc)
+            return None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.state = NodeState.ONLINE
+        self.state = NodeState.ONLINE if self.engine else NodeState.DEGRADED
         self._worker.start()
         self._status.start()
         self.transport.start()
@@ -142,7 +180,7 @@ class Daemon:
             "edged %s node %s serving %s on %s:%d (prefix %s)",
             __version__,
             self.config.node_id,
-            self.engine.manifest.name,
+            self.engine.manifest.name if self.engine else "no model (degraded)",
             self.config.mqtt.host,
             self.config.mqtt.port,
             self.config.mqtt.topic_prefix,
@@ -188,13 +226,13 @@ class Daemon:
     # -- status ----------------------------------------------------------------------------
 
     def _status_bytes(self) -> bytes:
-        manifest = self.engine.manifest
+        engine = self.engine
         return encode(
             status_payload(
                 state=self.state.value,
                 version=__version__,
-                model=manifest.name,
-                threads=self.engine.threads,
+                model=engine.manifest.name if engine else None,
+                threads=engine.threads if engine else None,
                 governor="nominal",
                 temp_c=None,
                 mem_available_mb=int(psutil.virtual_memory().available / 2**20),
@@ -269,6 +307,14 @@ class Daemon:
             self._send_error(self.topics.error(wearer), err, msg.correlation_data, [msg.ack])
             return
         self.counters.vitals += 1
+        now = time.time()
+        # The deterministic path: scored here, on the network thread, the moment the summary
+        # arrives; it never waits for the model, which runs on the worker.
+        triage = assess(self.vitals.add(wearer, vitals, now), self.config.clinical.red_flags)
+        if self.alerts.check(wearer, triage, now):
+            self.counters.alerts += 1
+            log.info("alert for %s: severity %s", wearer, triage.severity)
+            self._publish(self.topics.alert(wearer), encode(alert_payload(wearer, now, triage)))
         if self._on_vitals is not None:
             self._on_vitals(wearer, vitals)
         self.transport.ack(msg.ack)
@@ -479,6 +525,22 @@ class Daemon:
                 ),
             )
             return
+        clinical = self.config.clinical
+        window = self.vitals.window(job.wearer, time.time())
+        triage = assess(window, clinical.red_flags)
+        if self.engine is None:
+            self._answer(job, started, triage, degraded_text(triage), "degraded", None)
+            return
+        engine = self.engine
+        context = None
+        if query.include_vitals:
+            context = vitals_context(
+                window,
+                triage,
+                clinical.window_s,
+                lambda text: len(engine.tokenizer.encode(text)),
+                clinical.vitals_prompt_tokens,
+            )
         m = self.config.model
         config = GenerationConfig(
             max_new_tokens=query.max_tokens,
@@ -518,10 +580,10 @@ class Daemon:
 
         messages = [
             {"role": "system", "content": m.system_prompt},
-            {"role": "user", "content": query.text},
+            {"role": "user", "content": user_message(query.text, context)},
         ]
         try:
-            result = self.engine.chat(
+            result = engine.chat(
                 messages,
                 config,
                 enable_thinking=m.enable_thinking,
@@ -550,38 +612,58 @@ class Daemon:
             return
         if streamer is not None:
             streamer.flush()
-        ended = time.monotonic()
-        t = result.timing
+        self._answer(job, started, triage, result.text, result.finish_reason, result)
+
+    def _answer(
+        self,
+        job: Job,
+        started: float,
+        triage: ClinicalTriage,
+        text: str,
+        finish_reason: str,
+        result: GenerationResult | None,
+    ) -> None:
+        """Build the advice (the guard: triage and escalation whatever the model wrote),
+        store, publish and acknowledge it."""
+        work: QueryWork = job.payload
+        engine = self.engine
+        t = result.timing if result is not None else None
+        queued_ms = (started - job.received_at) * 1000
         payload = encode(
             advice_payload(
-                query_id=query.id,
+                query_id=work.query.id,
                 wearer=job.wearer,
                 node=self.config.node_id,
-                text=result.text,
-                escalation=None,
-                triage=Triage(),
-                finish_reason=result.finish_reason,
-                model_name=self.engine.manifest.name,
-                model_quant=self.engine.manifest.quantization.method,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                queued_ms=(started - job.received_at) * 1000,
-                first_token_ms=(started - job.received_at) * 1000 + t.first_token_ms
-                if t.first_token_ms is not None
+                text=text,
+                escalation=escalation(triage, self.config.clinical),
+                triage=triage_payload(triage),
+                finish_reason=finish_reason,
+                model_name=engine.manifest.name if engine else None,
+                model_quant=engine.manifest.quantization.method if engine else None,
+                prompt_tokens=result.prompt_tokens if result else None,
+                completion_tokens=result.completion_tokens if result else None,
+                queued_ms=queued_ms,
+                first_token_ms=queued_ms + t.first_token_ms
+                if t is not None and t.first_token_ms is not None
                 else None,
-                total_ms=(ended - job.received_at) * 1000,
-                threads=self.engine.threads,
+                total_ms=(time.monotonic() - job.received_at) * 1000,
+                threads=engine.threads if engine else None,
                 governor_state="nominal",
+                disclaimer=self.config.clinical.disclaimer,
             )
         )
-        self._final_reply(job, payload, decode_tps=t.decode_tps, prefill_ms=t.prefill_ms)
+        self._final_reply(
+            job,
+            payload,
+            decode_tps=t.decode_tps if t else None,
+            prefill_ms=t.prefill_ms if t else None,
+        )
         log.info(
-            "query %s/%s answered: %s, %d tokens, %.0f ms",
+            "query %s/%s answered: %s, %d tokens",
             job.wearer,
             job.query_id,
-            result.finish_reason,
-            result.completion_tokens,
-            t.total_ms,
+            finish_reason,
+            result.completion_tokens if result else 0,
         )
 
 

@@ -1,0 +1,96 @@
+"""Vital-sign alerts: when to send one, and what it says (API.md, Alert).
+
+Rate limiting is per wearer: the same or a lesser condition is repeated at most once per
+cooldown, but a worse one — a higher severity, or a red flag not seen in the last evaluation —
+goes out at once. The decision is a pure function of the previous memory and the new triage.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from edged.clinical.news2 import risk_rank
+from edged.clinical.triage import Triage
+
+
+@dataclass(frozen=True)
+class AlertMemory:
+    severity: str | None
+    """Severity of the last evaluation, sent or not (so recovering then worsening re-alerts)."""
+    flags: frozenset[str]
+    sent_at: float | None
+
+
+def should_alert(prev: AlertMemory | None, triage: Triage, now: float, cooldown_s: float) -> bool:
+    if not triage.alerting:
+        return False
+    if prev is None or prev.sent_at is None:
+        return True
+    if risk_rank(triage.severity) > risk_rank(prev.severity):
+        return True
+    if not set(triage.flag_names) <= prev.flags:
+        return True
+    return now - prev.sent_at >= cooldown_s
+
+
+def remember(prev: AlertMemory | None, triage: Triage, now: float, sent: bool) -> AlertMemory:
+    return AlertMemory(
+        severity=triage.severity,
+        flags=frozenset(triage.flag_names),
+        sent_at=now if sent else (prev.sent_at if prev else None),
+    )
+
+
+class AlertGate:
+    """The per-wearer alert memory, bounded like the vitals state (least recently seen out)."""
+
+    def __init__(self, cooldown_s: float, max_wearers: int) -> None:
+        self.cooldown_s = cooldown_s
+        self.max_wearers = max_wearers
+        self._memory: OrderedDict[str, AlertMemory] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def check(self, wearer: str, triage: Triage, now: float) -> bool:
+        """Whether to send an alert for this triage; records the decision."""
+        with self._lock:
+            prev = self._memory.pop(wearer, None)
+            send = should_alert(prev, triage, now, self.cooldown_s)
+            self._memory[wearer] = remember(prev, triage, now, send)
+            while len(self._memory) > self.max_wearers:
+                self._memory.popitem(last=False)
+            return send
+
+
+def alert_message(triage: Triage) -> str:
+    n = triage.news2
+    parts = []
+    if n.score is not None:
+        parts.append(f"NEWS2 {n.score} ({(n.risk or 'unknown').replace('_', '-')} risk)")
+    for flag in triage.red_flags:
+        parts.append(flag.detail)
+    text = "; ".join(parts) + "."
+    if n.missing:
+        text += f" Partial score: {', '.join(n.missing)} not measured."
+    return text[0].upper() + text[1:]
+
+
+def alert_payload(wearer: str, ts: float, triage: Triage) -> dict[str, Any]:
+    n = triage.news2
+    return {
+        "alert_id": uuid.uuid4().hex,
+        "wearer": wearer,
+        "ts": int(ts),
+        "severity": triage.severity,
+        "news2": {
+            "score": n.score,
+            "risk": n.risk,
+            "missing": list(n.missing),
+            "components": dict(n.components),
+        },
+        "red_flags": list(triage.flag_names),
+        "message": alert_message(triage),
+    }
