@@ -5,6 +5,8 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edged.clinical.advice import (
     degraded_text,
@@ -16,6 +18,7 @@ from edged.clinical.advice import (
 from edged.clinical.alerts import AlertGate, alert_payload, should_alert
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import assess, news2_input, red_flags
+from edged.clinical.window import summarize
 from edged.config.models import ClinicalConfig, RedFlagConfig
 from edged.mqtt.messages import Vitals, VitalStat, parse_vitals
 
@@ -194,10 +197,21 @@ def test_alert_gate_rate_limits_repeats_but_not_worsening() -> None:
     assert not gate.check("w", medium, T0 + 60)  # same condition within the cooldown
     assert gate.check("w", high, T0 + 61)  # worse: at once
     assert not gate.check("w", high, T0 + 120)
+    assert not gate.check("w", medium, T0 + 130)  # better than what was sent
+    assert not gate.check("w", normal, T0 + 140)  # nothing to say
+    assert not gate.check("w", high, T0 + 150)  # back to what was sent 89 s ago: rate-limited
     assert gate.check("w", high, T0 + 361)  # cooldown over: repeated
-    assert not gate.check("w", normal, T0 + 400)  # nothing to say
-    assert gate.check("w", medium, T0 + 401)  # recovered, then worse again: at once
-    assert gate.check("other", medium, T0 + 402)  # per wearer
+    assert gate.check("other", medium, T0 + 362)  # per wearer
+
+
+def test_a_flickering_red_flag_does_not_alert_every_other_summary() -> None:
+    gate = AlertGate(cooldown_s=300, max_wearers=10)
+    fall = assess([v(events=["fall"])], FLAGS)
+    fever = assess([v(temp_c=39.5)], FLAGS)
+    assert gate.check("w", fall, T0)
+    assert gate.check("w", fever, T0 + 1)  # a new flag: at once
+    assert not gate.check("w", fall, T0 + 2)  # both already alerted within the cooldown
+    assert not gate.check("w", fever, T0 + 3)
 
 
 def test_a_new_red_flag_alerts_at_once_even_at_the_same_severity() -> None:
@@ -290,3 +304,55 @@ def test_degraded_text_is_the_triage() -> None:
 def test_vitalstat_from_bare_number_and_object() -> None:
     assert v(heart_rate=70).heart_rate == VitalStat(mean=70)
     assert v(heart_rate={"min": 60, "max": 80}).heart_rate.central == 70
+
+
+# -- the incremental window ------------------------------------------------------------------
+
+_vital = st.one_of(
+    st.none(),
+    st.floats(30, 200, allow_nan=False).map(lambda x: {"mean": round(x, 1)}),
+    st.tuples(st.floats(30, 120), st.floats(0, 60)).map(
+        lambda t: {"min": round(t[0], 1), "max": round(t[0] + t[1], 1)}
+    ),
+)
+_summary = st.fixed_dictionaries(
+    {
+        "heart_rate": _vital,
+        "resp_rate": st.one_of(st.none(), st.integers(4, 40)),
+        "spo2": st.one_of(
+            st.none(),
+            st.integers(80, 100),
+            st.integers(80, 100).map(lambda m: {"min": m, "mean": min(100, m + 2)}),
+        ),
+        "temp_c": st.one_of(st.none(), st.floats(34, 41).map(lambda x: round(x, 1))),
+        "systolic_bp": st.one_of(st.none(), st.integers(70, 230)),
+        "activity": st.sampled_from([None, "rest", "sleep", "walk"]),
+        "on_oxygen": st.sampled_from([None, False, True]),
+        "spo2_scale": st.sampled_from([None, 1, 2]),
+        "consciousness": st.sampled_from([None, "alert", "voice"]),
+        "events": st.sampled_from([[], ["fall"], ["irregular_rhythm", "fall"]]),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_summary, min_size=1, max_size=40), st.integers(1, 12))
+def test_incremental_window_matches_scoring_the_whole_window(
+    summaries: list[dict[str, object]], cap: int
+) -> None:
+    state = VitalsState(window_s=1800, max_wearers=10, max_per_wearer=cap, ttl_s=3600)
+    for i, raw in enumerate(summaries):
+        vitals = v(**{k: x for k, x in raw.items() if x is not None})
+        incremental = state.add("w", vitals, T0 + i)
+        window = state.window("w", T0 + i)
+        assert len(window) == min(i + 1, cap)
+        assert incremental == summarize(window)
+        assert assess(incremental, FLAGS) == assess(window, FLAGS)
+
+
+def test_window_summary_forgets_what_left_the_window() -> None:
+    state = VitalsState(window_s=60, max_wearers=10, max_per_wearer=100, ttl_s=3600)
+    state.add("w", v(spo2=85, events=["fall"], on_oxygen=True), T0)
+    later = state.add("w", v(spo2=97, on_oxygen=False), T0 + 61)
+    assert later.lows["spo2"] == 97 and later.events == frozenset()
+    assert later.on_oxygen is False and later.readings == 1

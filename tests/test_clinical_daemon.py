@@ -136,8 +136,16 @@ def test_alert_is_not_held_behind_a_running_generation(
     start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     start_daemon(governor={"pause_ms": 30})
+    # This prompt runs past 400 tokens before any EOS with the random test model.
     gateway.publish(
-        f"{P}/w1/query", {"id": "slow", "text": "hello", "max_tokens": 100, "stream": True}
+        f"{P}/w1/query",
+        {
+            "id": "slow",
+            "text": "Tell me about my heart.",
+            "max_tokens": 100,
+            "stream": True,
+            "include_vitals": False,
+        },
     )
     gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice/stream")
     sent = time.monotonic()

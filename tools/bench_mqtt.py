@@ -320,7 +320,14 @@ def bench_latency(
     finish: dict[str, int] = {}
     try:
         for i, text in enumerate(query_texts(warmup + samples)):
-            query = {"id": f"b-{run}-{i}", "text": text, "max_tokens": max_tokens}
+            # include_vitals off: the direct call below sends the bare question, and the
+            # comparison needs the same prompt on both paths.
+            query = {
+                "id": f"b-{run}-{i}",
+                "text": text,
+                "max_tokens": max_tokens,
+                "include_vitals": False,
+            }
 
             def via_mqtt(query: dict[str, Any] = query) -> tuple[float, dict[str, Any]]:
                 return collector.ask(WEARER, query)

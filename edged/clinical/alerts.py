@@ -1,8 +1,9 @@
 """Vital-sign alerts: when to send one, and what it says (API.md, Alert).
 
 Rate limiting is per wearer: the same or a lesser condition is repeated at most once per
-cooldown, but a worse one — a higher severity, or a red flag not seen in the last evaluation —
-goes out at once. The decision is a pure function of the previous memory and the new triage.
+cooldown, but a worse one — a higher severity, or a red flag not yet alerted within the
+cooldown — goes out at once. The decision is a pure function of the previous memory and the
+new triage.
 """
 
 from __future__ import annotations
@@ -19,30 +20,37 @@ from edged.clinical.triage import Triage
 
 @dataclass(frozen=True)
 class AlertMemory:
+    """What this wearer was last alerted about, within the current cooldown period."""
+
     severity: str | None
-    """Severity of the last evaluation, sent or not (so recovering then worsening re-alerts)."""
     flags: frozenset[str]
-    sent_at: float | None
+    sent_at: float
 
 
 def should_alert(prev: AlertMemory | None, triage: Triage, now: float, cooldown_s: float) -> bool:
+    """Alert when nothing was sent within the cooldown, or the condition is worse than
+    everything sent within it: a higher severity, or a red flag not yet alerted. Comparing with
+    what was *sent* (not the last evaluation) keeps a flag that flickers in and out of the
+    window from alerting on every other summary."""
     if not triage.alerting:
         return False
-    if prev is None or prev.sent_at is None:
+    if prev is None or now - prev.sent_at >= cooldown_s:
         return True
     if risk_rank(triage.severity) > risk_rank(prev.severity):
         return True
-    if not set(triage.flag_names) <= prev.flags:
-        return True
-    return now - prev.sent_at >= cooldown_s
+    return not set(triage.flag_names) <= prev.flags
 
 
-def remember(prev: AlertMemory | None, triage: Triage, now: float, sent: bool) -> AlertMemory:
-    return AlertMemory(
-        severity=triage.severity,
-        flags=frozenset(triage.flag_names),
-        sent_at=now if sent else (prev.sent_at if prev else None),
+def remember(
+    prev: AlertMemory | None, triage: Triage, now: float, cooldown_s: float
+) -> AlertMemory:
+    """The memory after sending an alert for `triage`."""
+    if prev is None or now - prev.sent_at >= cooldown_s:
+        return AlertMemory(triage.severity, frozenset(triage.flag_names), now)
+    worst = (
+        triage.severity if risk_rank(triage.severity) > risk_rank(prev.severity) else prev.severity
     )
+    return AlertMemory(worst, prev.flags | set(triage.flag_names), now)
 
 
 class AlertGate:
@@ -57,12 +65,14 @@ class AlertGate:
     def check(self, wearer: str, triage: Triage, now: float) -> bool:
         """Whether to send an alert for this triage; records the decision."""
         with self._lock:
-            prev = self._memory.pop(wearer, None)
-            send = should_alert(prev, triage, now, self.cooldown_s)
-            self._memory[wearer] = remember(prev, triage, now, send)
+            prev = self._memory.get(wearer)
+            if not should_alert(prev, triage, now, self.cooldown_s):
+                return False
+            self._memory.pop(wearer, None)
+            self._memory[wearer] = remember(prev, triage, now, self.cooldown_s)
             while len(self._memory) > self.max_wearers:
                 self._memory.popitem(last=False)
-            return send
+            return True
 
 
 def alert_message(triage: Triage) -> str:

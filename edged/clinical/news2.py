@@ -28,6 +28,7 @@ Decisions the chart leaves open (each is documented again at its code):
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -155,13 +156,19 @@ def chart_value(name: str, value: float, resolution: Decimal) -> Decimal:
     approximation (38.049999...). Raises ValueError for NaN and infinities, TypeError for
     non-numbers (booleans included), naming `name`.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    kind = type(value)
+    # The hot path (a plain float or int) skips the slow ABC check.
+    if (kind is not float and kind is not int) and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ):
         raise TypeError(f"{name} = {value!r} is not a number")
     if isinstance(value, int):
         return Decimal(value)  # already on every chart's grid, however large
     as_float = float(value)
     if not math.isfinite(as_float):
         raise ValueError(f"{name} = {value!r} is not a finite number")
+    if as_float.is_integer():
+        return Decimal(int(as_float))  # a whole number is on every chart's grid
     try:
         # str, not repr: numpy scalars print their shortest decimal there (np.float32(38.05)
         # is "38.05", though as a Python float it is 38.0499992...).
@@ -180,9 +187,19 @@ def band_points(value: Decimal, bands: tuple[Band, ...]) -> int:
     raise AssertionError(f"{value} falls between the bands {bands}")
 
 
+@functools.lru_cache(maxsize=8192)
+def _banded(
+    name: str, kind: type, value: float, resolution: Decimal, bands: tuple[Band, ...]
+) -> int:
+    # Cached: wearables repeat the same few hundred readings, and Decimal rounding is the
+    # largest cost of scoring a summary. `kind` keeps 1 and True (equal hashes) apart, so a
+    # bool is still refused every time.
+    return band_points(chart_value(name, value, resolution), bands)
+
+
 def score_resp_rate(v: float) -> int:
     """Points for a respiration rate (per minute); RCP NEWS2 2017, chart 1."""
-    return band_points(chart_value("resp_rate", v, WHOLE), RESP_RATE_BANDS)
+    return _banded("resp_rate", type(v).__name__, v, WHOLE, RESP_RATE_BANDS)
 
 
 def score_spo2(v: float, scale: int = 1, on_oxygen: bool = False) -> int:
@@ -197,7 +214,7 @@ def score_spo2(v: float, scale: int = 1, on_oxygen: bool = False) -> int:
         bands = SPO2_SCALE_2_OXYGEN_BANDS if on_oxygen else SPO2_SCALE_2_AIR_BANDS
     else:
         raise ValueError(f"spo2_scale = {scale!r} is not one of 1, 2")
-    return band_points(chart_value("spo2", v, WHOLE), bands)
+    return _banded("spo2", type(v).__name__, v, WHOLE, bands)
 
 
 def score_on_oxygen(on_oxygen: bool) -> int:
@@ -207,12 +224,12 @@ def score_on_oxygen(on_oxygen: bool) -> int:
 
 def score_systolic_bp(v: float) -> int:
     """Points for a systolic blood pressure (mmHg); RCP NEWS2 2017, chart 1."""
-    return band_points(chart_value("systolic_bp", v, WHOLE), SYSTOLIC_BP_BANDS)
+    return _banded("systolic_bp", type(v).__name__, v, WHOLE, SYSTOLIC_BP_BANDS)
 
 
 def score_heart_rate(v: float) -> int:
     """Points for a pulse (per minute); RCP NEWS2 2017, chart 1."""
-    return band_points(chart_value("heart_rate", v, WHOLE), HEART_RATE_BANDS)
+    return _banded("heart_rate", type(v).__name__, v, WHOLE, HEART_RATE_BANDS)
 
 
 def score_consciousness(level: str) -> int:
@@ -230,7 +247,7 @@ def score_consciousness(level: str) -> int:
 
 def score_temp_c(v: float) -> int:
     """Points for a temperature (°C, rounded to 0.1); RCP NEWS2 2017, chart 1."""
-    return band_points(chart_value("temp_c", v, TENTH), TEMP_C_BANDS)
+    return _banded("temp_c", type(v).__name__, v, TENTH, TEMP_C_BANDS)
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 
+from edged.clinical.window import WindowAggregate, WindowSummary
 from edged.mqtt.messages import Vitals
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    received_at: float
-    vitals: Vitals
+class _Wearer:
+    __slots__ = ("received", "aggregate")
+
+    def __init__(self) -> None:
+        self.received: deque[float] = deque()
+        self.aggregate = WindowAggregate()
 
 
 class VitalsState:
@@ -32,52 +34,60 @@ class VitalsState:
         self.ttl_s = ttl_s
         # Written by the MQTT thread, read by the worker: one lock, held for microseconds.
         self._lock = threading.Lock()
-        self._wearers: OrderedDict[str, deque[Reading]] = OrderedDict()
+        self._wearers: OrderedDict[str, _Wearer] = OrderedDict()
         self._last_sweep = 0.0
 
-    def add(self, wearer: str, vitals: Vitals, now: float) -> tuple[Vitals, ...]:
-        """Record a summary; return the wearer's window after it, oldest first."""
+    def add(self, wearer: str, vitals: Vitals, now: float) -> WindowSummary:
+        """Record a summary; return what triage needs to know of the window after it."""
         with self._lock:
-            readings = self._wearers.get(wearer)
-            if readings is None:
-                readings = deque(maxlen=self.max_per_wearer)
-                self._wearers[wearer] = readings
+            entry = self._wearers.get(wearer)
+            if entry is None:
+                entry = _Wearer()
+                self._wearers[wearer] = entry
                 while len(self._wearers) > self.max_wearers:
                     self._wearers.popitem(last=False)
             else:
                 self._wearers.move_to_end(wearer)
-            readings.append(Reading(now, vitals))
-            self._prune(readings, now)
+            entry.received.append(now)
+            entry.aggregate.push(vitals)
+            if len(entry.received) > self.max_per_wearer:
+                self._drop_oldest(entry)
+            self._prune(entry, now)
             if now - self._last_sweep > min(self.ttl_s, self.window_s) / 4:
                 self._sweep(now)
-            return tuple(r.vitals for r in readings)
+            return entry.aggregate.summary()
 
     def window(self, wearer: str, now: float) -> tuple[Vitals, ...]:
         """The wearer's summaries within the window, oldest first (empty if none)."""
         with self._lock:
-            readings = self._wearers.get(wearer)
-            if readings is None:
+            entry = self._wearers.get(wearer)
+            if entry is None:
                 return ()
-            self._prune(readings, now)
-            return tuple(r.vitals for r in readings)
+            self._prune(entry, now)
+            return entry.aggregate.vitals()
 
     def __len__(self) -> int:
         return len(self._wearers)
 
     def summaries(self) -> int:
         with self._lock:
-            return sum(len(r) for r in self._wearers.values())
+            return sum(len(e.received) for e in self._wearers.values())
 
-    def _prune(self, readings: deque[Reading], now: float) -> None:
+    @staticmethod
+    def _drop_oldest(entry: _Wearer) -> None:
+        entry.received.popleft()
+        entry.aggregate.pop_oldest()
+
+    def _prune(self, entry: _Wearer, now: float) -> None:
         horizon = now - self.window_s
-        while readings and readings[0].received_at < horizon:
-            readings.popleft()
+        while entry.received and entry.received[0] < horizon:
+            self._drop_oldest(entry)
 
     def _sweep(self, now: float) -> None:
         # Least recently seen first: stop at the first wearer still within the TTL.
         self._last_sweep = now
         while self._wearers:
-            wearer, readings = next(iter(self._wearers.items()))
-            if readings and now - readings[-1].received_at < self.ttl_s:
+            wearer, entry = next(iter(self._wearers.items()))
+            if entry.received and now - entry.received[-1] < self.ttl_s:
                 break
             del self._wearers[wearer]

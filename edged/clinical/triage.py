@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edged.clinical.news2 import News2Input, News2Score, max_risk, risk_rank, score_news2
+from edged.clinical.window import WindowSummary, summarize
 from edged.config.models import RedFlagConfig
-from edged.mqtt.messages import Vitals, VitalStat
+from edged.mqtt.messages import Vitals
 
-RESTING = ("rest", "sleep")
 # Device events that are red flags by themselves; other event names are kept but not flagged.
 EVENT_FLAGS = ("fall", "irregular_rhythm")
 
@@ -52,81 +52,62 @@ class Triage:
         return risk_rank(self.news2.risk) >= risk_rank("low_medium") or bool(self.red_flags)
 
 
-def _stats(window: Sequence[Vitals], field: str) -> list[VitalStat]:
-    return [s for v in window if (s := getattr(v, field)) is not None]
+def _summary(window: Sequence[Vitals] | WindowSummary) -> WindowSummary:
+    return window if isinstance(window, WindowSummary) else summarize(window)
 
 
-def _extremes(stats: list[VitalStat]) -> tuple[float, ...]:
-    if not stats:
-        return ()
-    return (min(s.worst_low for s in stats), max(s.worst_high for s in stats))
-
-
-def news2_input(window: Sequence[Vitals]) -> News2Input:
+def news2_input(window: Sequence[Vitals] | WindowSummary) -> News2Input:
     """The window's worst values per parameter. Both extremes are passed for parameters scored
     in both directions (pulse, respiration, blood pressure, temperature, and SpO2 on scale 2
     with oxygen); the scorer keeps whichever scores higher."""
-    oxygen = [v.on_oxygen for v in window if v.on_oxygen is not None]
-    scales = [v.spo2_scale for v in window if v.spo2_scale is not None]
-    consciousness = tuple(v.consciousness for v in window if v.consciousness is not None)
+    w = _summary(window)
+
+    def extremes(name: str) -> tuple[float, ...]:
+        return (w.lows[name], w.highs[name]) if name in w.lows else ()
+
     return News2Input(
-        resp_rate=_extremes(_stats(window, "resp_rate")),
-        spo2=_extremes(_stats(window, "spo2")),
-        systolic_bp=_extremes(_stats(window, "systolic_bp")),
-        heart_rate=_extremes(_stats(window, "heart_rate")),
-        temp_c=_extremes(_stats(window, "temp_c")),
-        consciousness=consciousness,
+        resp_rate=extremes("resp_rate"),
+        spo2=extremes("spo2"),
+        systolic_bp=extremes("systolic_bp"),
+        heart_rate=extremes("heart_rate"),
+        temp_c=extremes("temp_c"),
+        consciousness=w.consciousness,
         # Any oxygen in the window counts: it scores, and it changes the scale-2 bands.
-        on_oxygen=any(oxygen) if oxygen else None,
+        on_oxygen=w.on_oxygen,
         # The latest scale a gateway reported: it is a prescription, set by a clinician.
-        spo2_scale=scales[-1] if scales else 1,
+        spo2_scale=w.spo2_scale,
     )
 
 
-def red_flags(window: Sequence[Vitals], cfg: RedFlagConfig) -> tuple[RedFlag, ...]:
+def red_flags(window: Sequence[Vitals] | WindowSummary, cfg: RedFlagConfig) -> tuple[RedFlag, ...]:
+    w = _summary(window)
     flags: list[RedFlag] = []
 
     def flag(name: str, detail: str) -> None:
         flags.append(RedFlag(name, cfg.severity(name), detail))
 
-    spo2 = _stats(window, "spo2")
-    if spo2 and all(s.worst_low < cfg.spo2_low_below for s in spo2):
-        lowest = min(s.worst_low for s in spo2)
+    if w.spo2_highest_low is not None and w.spo2_highest_low < cfg.spo2_low_below:
         flag(
             "spo2_low",
             f"SpO2 below {cfg.spo2_low_below:g} % in every reading of the window "
-            f"(lowest {lowest:g} %)",
+            f"(lowest {w.lows['spo2']:g} %)",
         )
-
-    resting_fast = [
-        v.heart_rate.worst_high
-        for v in window
-        if v.heart_rate is not None
-        and v.activity in RESTING
-        and v.heart_rate.worst_high > cfg.resting_tachycardia_above
-    ]
-    if resting_fast:
+    if w.resting_hr_high is not None and w.resting_hr_high > cfg.resting_tachycardia_above:
         flag(
             "resting_tachycardia",
-            f"heart rate {max(resting_fast):g} /min at rest "
+            f"heart rate {w.resting_hr_high:g} /min at rest "
             f"(above {cfg.resting_tachycardia_above:g})",
         )
-
-    heart = _stats(window, "heart_rate")
-    slow = [s.worst_low for s in heart if s.worst_low < cfg.bradycardia_below]
-    if slow:
-        flag("bradycardia", f"heart rate {min(slow):g} /min (below {cfg.bradycardia_below:g})")
-
-    hot = [s.worst_high for s in _stats(window, "temp_c") if s.worst_high >= cfg.fever_at_or_above]
-    if hot:
-        flag("fever", f"temperature {max(hot):g} °C (at or above {cfg.fever_at_or_above:g})")
-
-    events = {e for v in window for e in v.events}
+    slowest = w.lows.get("heart_rate")
+    if slowest is not None and slowest < cfg.bradycardia_below:
+        flag("bradycardia", f"heart rate {slowest:g} /min (below {cfg.bradycardia_below:g})")
+    hottest = w.highs.get("temp_c")
+    if hottest is not None and hottest >= cfg.fever_at_or_above:
+        flag("fever", f"temperature {hottest:g} °C (at or above {cfg.fever_at_or_above:g})")
     for name in EVENT_FLAGS:
-        if name in events:
+        if name in w.events:
             flag(name, f"the device reported {name.replace('_', ' ')}")
-
-    rising = _resting_hr_rise(window, cfg)
+    rising = _resting_hr_rise(w.resting_hr, cfg)
     if rising is not None:
         latest, baseline = rising
         flag(
@@ -137,12 +118,9 @@ def red_flags(window: Sequence[Vitals], cfg: RedFlagConfig) -> tuple[RedFlag, ..
     return tuple(flags)
 
 
-def _resting_hr_rise(window: Sequence[Vitals], cfg: RedFlagConfig) -> tuple[float, float] | None:
+def _resting_hr_rise(resting: Sequence[float], cfg: RedFlagConfig) -> tuple[float, float] | None:
     """(latest, baseline) when the latest resting heart rate exceeds the median of the earlier
     resting readings by more than the configured percentage."""
-    resting = [
-        v.heart_rate.central for v in window if v.heart_rate is not None and v.activity in RESTING
-    ]
     if len(resting) < cfg.resting_hr_min_baseline + 1:
         return None
     latest, baseline = resting[-1], statistics.median(resting[:-1])
@@ -151,5 +129,6 @@ def _resting_hr_rise(window: Sequence[Vitals], cfg: RedFlagConfig) -> tuple[floa
     return None
 
 
-def assess(window: Sequence[Vitals], cfg: RedFlagConfig) -> Triage:
-    return Triage(score_news2(news2_input(window)), red_flags(window, cfg), len(window))
+def assess(window: Sequence[Vitals] | WindowSummary, cfg: RedFlagConfig) -> Triage:
+    w = _summary(window)
+    return Triage(score_news2(news2_input(w)), red_flags(w, cfg), w.readings)

@@ -314,7 +314,10 @@ class Daemon:
         if self.alerts.check(wearer, triage, now):
             self.counters.alerts += 1
             log.info("alert for %s: severity %s", wearer, triage.severity)
-            self._publish(self.topics.alert(wearer), encode(alert_payload(wearer, now, triage)))
+            # The alert carries the summary's own time: when the condition was measured.
+            self._publish(
+                self.topics.alert(wearer), encode(alert_payload(wearer, vitals.ts, triage))
+            )
         if self._on_vitals is not None:
             self._on_vitals(wearer, vitals)
         self.transport.ack(msg.ack)
