@@ -6,16 +6,15 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edged.config.loader import parse_config
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
-from tests._mqtt import TestClient, daemon_config, reply_to
+from tests._mqtt import TestClient, reply_to
 
 P = "edged/v1"
 HIGH_RISK = {
@@ -25,30 +24,6 @@ HIGH_RISK = {
     "temp_c": 38.4,
     "activity": "rest",
 }
-
-
-@pytest.fixture
-def start_daemon(broker: PrivateBroker, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def start(**sections: Any) -> Daemon:
-        d = Daemon(parse_config(daemon_config(broker.port, tmp_path / "state", **sections)))
-        d.start()
-        assert d.transport.wait_connected(10)
-        time.sleep(0.2)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-@pytest.fixture
-def gateway(broker: PrivateBroker) -> Iterator[TestClient]:
-    client = TestClient(broker.port, [f"{P}/+/#"])
-    yield client
-    client.close()
 
 
 def _vitals(**fields: Any) -> dict[str, Any]:

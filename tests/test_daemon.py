@@ -6,52 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from edged.config.loader import parse_config
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
 from tests._mqtt import DaemonProcess, Received, TestClient, daemon_config, reply_to
 
 P = "edged/v1"
-
-
-def _start_daemon(broker: PrivateBroker, tmp_path: Path, **sections: Any) -> Daemon:
-    daemon = Daemon(parse_config(daemon_config(broker.port, tmp_path / "state", **sections)))
-    daemon.start()
-    assert daemon.transport.wait_connected(10)
-    time.sleep(0.2)  # SUBACK
-    return daemon
-
-
-@pytest.fixture
-def start_daemon(broker: PrivateBroker, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Starts in-process daemons with config overrides; stops them all at teardown."""
-    started: list[Daemon] = []
-
-    def start(**sections: Any) -> Daemon:
-        started.append(_start_daemon(broker, tmp_path, **sections))
-        return started[-1]
-
-    yield start
-    for d in started:
-        d.stop()
-
-
-@pytest.fixture
-def daemon(start_daemon: Callable[..., Daemon]) -> Daemon:
-    return start_daemon()
-
-
-@pytest.fixture
-def gateway(broker: PrivateBroker) -> Iterator[TestClient]:
-    client = TestClient(broker.port, [f"{P}/+/#", f"{P}/_node/+/#"])
-    yield client
-    client.close()
 
 
 # With the random test model this prompt runs past 400 tokens before any EOS (checked at 1
@@ -494,9 +459,9 @@ def test_query_answered_after_daemon_killed_mid_generation(
 
 
 def test_queries_queued_across_a_broker_restart_are_all_answered(
-    broker: PrivateBroker, tmp_path: Path
+    broker: PrivateBroker, start_daemon: Callable[..., Daemon]
 ) -> None:
-    daemon = _start_daemon(broker, tmp_path, governor={"pause_ms": 10})
+    daemon = start_daemon(governor={"pause_ms": 10})
     gateway = TestClient(broker.port, [f"{P}/w1/advice"], client_id="gw-restart", persistent=True)
     try:
         ids = [f"r{i}" for i in range(6)]
@@ -517,4 +482,3 @@ def test_queries_queued_across_a_broker_restart_are_all_answered(
         assert daemon.transport.connected
     finally:
         gateway.close()
-        daemon.stop()
