@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parent.parent
+P = "edged/v1"
 MODEL = REPO / "tests" / "fixtures" / "tiny-qwen3-int4"
 
 

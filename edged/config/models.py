@@ -300,6 +300,22 @@ class ClinicalConfig(Section):
         return self
 
 
+class ServiceConfig(Section):
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="the worker counts as wedged when one decode step (or an idle wait) takes "
+        "longer than this; systemd's watchdog pings then stop and systemd restarts the daemon",
+    )
+    ready_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="report READY to systemd after this long even without a broker "
+        "connection; 0 = only once connected",
+    )
+
+
 class EdgedConfig(Section):
     node_id: str = Field(
         default_factory=lambda: sanitize_node_id(socket.gethostname()),
@@ -314,6 +330,7 @@ class EdgedConfig(Section):
     status: StatusConfig = Field(default_factory=StatusConfig)
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="journal/console log level; query text is never logged at info"
     )

@@ -16,13 +16,15 @@ Why its own network loop instead of paho's `loop_start()`:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -62,10 +64,20 @@ def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> 
     return rng.uniform(low, max(low, ceiling))
 
 
-def read_password(cfg: MqttConfig) -> str | None:
+CREDENTIAL_NAME = "mqtt-password"
+
+
+def read_password(cfg: MqttConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The broker password: `password_file`, else `password`, else the systemd credential
+    `mqtt-password` (LoadCredential= in the unit), so it never has to sit in the YAML."""
     if cfg.password_file is not None:
         return cfg.password_file.read_text().rstrip("\r\n")
-    return cfg.password
+    if cfg.password is not None:
+        return cfg.password
+    creds = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
+        return (Path(creds) / CREDENTIAL_NAME).read_text().rstrip("\r\n")
+    return None
 
 
 class MqttTransport:
@@ -101,6 +113,11 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def alive(self) -> bool:
+        """The network thread runs (connected or reconnecting)."""
+        return self._thread.is_alive()
 
     @property
     def protocol(self) -> str:

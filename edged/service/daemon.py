@@ -132,6 +132,7 @@ class Daemon:
         self.state = NodeState.STARTING
         self._on_vitals = on_vitals
         self._started_at = time.monotonic()
+        self._heartbeat = time.monotonic()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._abort = threading.Event()
@@ -493,8 +494,23 @@ class Daemon:
                 ),
             )
 
+    def healthy(self) -> tuple[bool, str]:
+        """Whether the daemon is doing its job, for the systemd watchdog: the network thread
+        alive, the worker thread alive and not stuck inside one decode step (or one idle
+        wait) for longer than service.stall_timeout_s. A broker that is down is *not*
+        unhealthy: restarting the daemon would not bring it back, and reconnecting is running."""
+        if not self.transport.alive:
+            return False, "MQTT network thread died"
+        if not self._worker.is_alive():
+            return False, "inference worker died"
+        stalled = time.monotonic() - self._heartbeat
+        if stalled > self.config.service.stall_timeout_s:
+            return False, f"inference worker stalled for {stalled:.0f} s"
+        return True, "ok"
+
     def _work_loop(self) -> None:
         while True:
+            self._heartbeat = time.monotonic()
             job = self.scheduler.next_job(timeout=0.2)
             self._expire_queued()
             if job is None:
@@ -576,6 +592,7 @@ class Daemon:
             return None
 
         def between_steps(step: int) -> None:
+            self._heartbeat = time.monotonic()
             self.scheduler.progress(query.max_tokens - step)
             self._expire_queued()
             if pause_s:
