@@ -309,10 +309,12 @@ class ServiceConfig(Section):
         "longer than this; systemd's watchdog pings then stop and systemd restarts the daemon",
     )
     ready_timeout_s: float = Field(
-        0.0,
+        120.0,
         ge=0,
-        description="report READY to systemd after this long even without a broker "
-        "connection; 0 = only once connected",
+        description="report READY to systemd after this long even without a broker connection "
+        "(the daemon keeps reconnecting and alerts wait at the broker); 0 = only once "
+        "connected. Below the unit's TimeoutStartSec, so a broker that is down at boot does "
+        "not turn into a restart loop",
     )
 
 

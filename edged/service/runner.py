@@ -34,8 +34,17 @@ def run_daemon(config: EdgedConfig, notifier: Notifier | None = None) -> int:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        # Live reload is not built yet (issue #5). Ignoring SIGHUP beats Python's default of
+        # dying from it, which systemd counts as a clean exit and would not restart.
+        log.warning(
+            "SIGHUP: configuration reload is not implemented yet; restart the service "
+            "to apply a changed config"
+        )
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     notifier.status("loading model")
     daemon = Daemon(config)
     daemon.start()
