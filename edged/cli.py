@@ -66,6 +66,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
 
+    config = sub.add_parser("config", help="check or show a config file")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate; exit 2 with one line per problem")
+    check.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+    show = config_sub.add_parser("show", help="print the config with every default filled in")
+    show.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+
     model = sub.add_parser("model", help="model directories: info, export")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a model directory's manifest and layout")
@@ -230,6 +237,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(config)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edged.config import ConfigError, check_config, load_config
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    if args.config_command == "check":
+        problems = check_config(config, str(args.file))
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return EXIT_USAGE
+        print(f"{args.file}: ok")
+        return EXIT_OK
+    data = config.model_dump(mode="json")
+    if data["mqtt"].get("password") is not None:
+        data["mqtt"]["password"] = "********"  # secrets never go to a terminal or a ticket
+    print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edged.demo import run_demo
 
@@ -246,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": cmd_ask,
         "run": cmd_run,
         "demo": cmd_demo,
+        "config": cmd_config,
         "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[a.model_command](a),
     }
     try:

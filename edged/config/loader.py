@@ -1,12 +1,15 @@
-"""Read a YAML config file into `EdgedConfig`, turning every problem into one clear line."""
+"""Read a YAML config file into `EdgedConfig`, turning every problem into one clear line:
+file, line (where the YAML has one), dotted key, what was given and what was expected, and a
+did-you-mean for a misspelt key."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edged.config.models import EdgedConfig
 
@@ -15,10 +18,50 @@ class ConfigError(Exception):
     """A config that cannot be used; str() is one line per problem, naming file and key."""
 
 
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every mapping key in the YAML, by its path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fields_at(path: tuple[str, ...]) -> list[str]:
+    """The keys the schema allows in the mapping at `path` (for did-you-mean)."""
+    model: type[BaseModel] = EdgedConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = [
+            a
+            for a in (annotation, *getattr(annotation, "__args__", ()))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
 def _describe(error: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    loc = tuple(str(p) for p in error["loc"])
+    path = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{path}: unknown key"
+        close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{path}: unknown key{hint}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     value = error.get("input")
@@ -28,7 +71,19 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path} = {shown}: {error['msg']}"
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> EdgedConfig:
+def _where(source: str, lines: dict[tuple[str, ...], int], loc: tuple[Any, ...]) -> str:
+    path = tuple(str(p) for p in loc)
+    while path and path not in lines:
+        path = path[:-1]
+    return f"{source}:{lines[path]}" if path else source
+
+
+def parse_config(
+    data: Any,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    key_lines: dict[tuple[str, ...], int] | None = None,
+) -> EdgedConfig:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -36,7 +91,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         config = EdgedConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{source}: {_describe(e)}" for e in exc.errors()]  # type: ignore[arg-type]
+        where = key_lines or {}
+        lines = [
+            f"{_where(source, where, e['loc'])}: {_describe(e)}"  # type: ignore[arg-type]
+            for e in exc.errors()
+        ]
         raise ConfigError("\n".join(lines)) from None
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
@@ -69,5 +128,38 @@ def load_config(path: str | Path) -> EdgedConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, str(path), base_dir=path.resolve().parent)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    return parse_config(data, str(path), base_dir=path.resolve().parent, key_lines=_key_lines(text))
+
+
+def check_config(config: EdgedConfig, source: str) -> list[str]:
+    """Problems a schema cannot see: files that must exist and be readable."""
+    problems: list[str] = []
+    model_dir = config.model.path
+    if config.model.enabled and not (model_dir / "edged-model.json").is_file():
+        problems.append(
+            f"{source}: model.path = '{model_dir}': no edged model directory there "
+            "(expected edged-model.json; see `edged model export`)"
+        )
+    tls = config.mqtt.tls
+    files = (
+        [
+            ("mqtt.tls.ca_file", tls.ca_file),
+            ("mqtt.tls.cert_file", tls.cert_file),
+            ("mqtt.tls.key_file", tls.key_file),
+        ]
+        if tls
+        else []
+    )
+    files.append(("mqtt.password_file", config.mqtt.password_file))
+    for key, file in files:
+        if file is None:
+            continue
+        try:
+            file.open("rb").close()
+        except OSError as exc:
+            problems.append(f"{source}: {key} = '{file}': cannot be read ({exc.strerror})")
+    return problems
