@@ -27,6 +27,39 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--node-config",
+        type=Path,
+        default=None,
+        help="node-local override file, above the fleet file",
+    )
+    parser.add_argument("--node-id", default=None, help="which entry of the fleet's nodes: to use")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set mqtt.port=8883 (repeatable)",
+    )
+    parser.add_argument(
+        "--board-root", type=Path, default=Path("/"), help=argparse.SUPPRESS
+    )  # for tests: a fake /proc and /etc
+
+
+def _resolve(args: argparse.Namespace) -> Any:
+    from edged.config.layers import resolve
+
+    path = args.file if args.command == "config" else args.config
+    return resolve(
+        path,
+        node_file=args.node_config,
+        flags=args.set,
+        node_id=args.node_id,
+        board_root=args.board_root,
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edged", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
@@ -58,7 +91,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the result as JSON at the end")
 
     run = sub.add_parser("run", help="run the daemon (MQTT service)")
-    run.add_argument("--config", required=True, type=Path, help="YAML config file")
+    run.add_argument(
+        "--config", required=True, type=Path, help="YAML config: a single-node file or a fleet file"
+    )
+    _add_layer_arguments(run)
 
     demo = sub.add_parser("demo", help="a private broker, the daemon and simulated wearables")
     demo.add_argument(
@@ -70,8 +106,13 @@ def _build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate; exit 2 with one line per problem")
     check.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+    _add_layer_arguments(check)
     show = config_sub.add_parser("show", help="print the config with every default filled in")
     show.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+    show.add_argument(
+        "--resolved", action="store_true", help="one line per key with the layer it came from"
+    )
+    _add_layer_arguments(show)
 
     model = sub.add_parser("model", help="model directories: info, export")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -224,29 +265,31 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edged.config import ConfigError, load_config
+    from edged.config import ConfigError
     from edged.service.runner import run_daemon
 
     try:
-        config = load_config(args.config)
+        config = _resolve(args).config
     except ConfigError as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.verbose == 0:
         logging.getLogger().setLevel(config.log_level.upper())
-    return run_daemon(config)
+    return run_daemon(config, load=lambda: _resolve(args).config)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from edged.config import ConfigError, check_config, load_config
+    from edged.config import ConfigError, check_config
+    from edged.config.layers import render_resolved
 
     try:
-        config = load_config(args.file)
+        resolved = _resolve(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    config = resolved.config
     if args.config_command == "check":
         problems = check_config(config, str(args.file))
         for line in problems:
@@ -254,6 +297,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         if problems:
             return EXIT_USAGE
         print(f"{args.file}: ok")
+        return EXIT_OK
+    if args.resolved:
+        print(render_resolved(resolved), end="")
         return EXIT_OK
     data = config.model_dump(mode="json")
     if data["mqtt"].get("password") is not None:

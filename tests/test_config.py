@@ -21,8 +21,9 @@ def _check(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_shipped_config_passes() -> None:
-    out = _check(REPO / "config" / "edged.yaml")
+@pytest.mark.parametrize("name", ["edged.yaml", "fleet.example.yaml"])
+def test_shipped_configs_pass(name: str) -> None:
+    out = _check(REPO / "config" / name)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
 

@@ -18,7 +18,7 @@ class ConfigError(Exception):
     """A config that cannot be used; str() is one line per problem, naming file and key."""
 
 
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
     """1-based line of every mapping key in the YAML, by its path."""
     lines: dict[tuple[str, ...], int] = {}
 
@@ -128,11 +128,16 @@ def load_config(path: str | Path) -> EdgedConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    return parse_config(data, str(path), base_dir=path.resolve().parent, key_lines=_key_lines(text))
+        raise ConfigError(yaml_error(path, exc)) from None
+    return parse_config(data, str(path), base_dir=path.resolve().parent, key_lines=key_lines(text))
+
+
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line: file, line and the parser's complaint."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{where}: not valid YAML: {problem}"
 
 
 def check_config(config: EdgedConfig, source: str) -> list[str]:

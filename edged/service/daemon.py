@@ -224,6 +224,43 @@ class Daemon:
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
+    # -- live reload -----------------------------------------------------------------------
+
+    def apply_config(self, new: EdgedConfig) -> tuple[list[str], list[str]]:
+        """Apply what can change while running; return (applied keys, keys that need a
+        restart). Keys needing a restart keep their running values until then."""
+        old_flat, new_flat = _flatten(self.config.model_dump()), _flatten(new.model_dump())
+        changed = sorted(
+            k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k)
+        )
+        restart = [k for k in changed if k.startswith(RESTART_KEYS)]
+        live = [k for k in changed if k not in restart]
+        if not live:
+            return live, restart
+        data = new.model_dump()
+        for key in restart:
+            _assign(data, key, old_flat.get(key))
+        effective = EdgedConfig.model_validate(data)
+        old_prompt = self.config.model.system_prompt
+        self.config = effective
+        clinical = effective.clinical
+        self.vitals.window_s = clinical.window_s
+        self.vitals.max_wearers = clinical.max_wearers
+        self.vitals.max_per_wearer = clinical.max_summaries_per_wearer
+        self.vitals.ttl_s = clinical.wearer_ttl_s
+        self.alerts.cooldown_s = clinical.alert_cooldown_s
+        self.alerts.max_wearers = clinical.max_wearers
+        self.scheduler.capacity = effective.limits.queue_size
+        logging.getLogger().setLevel(effective.log_level.upper())
+        if self.engine is not None and effective.model.system_prompt != old_prompt:
+            # Waits for a running generation (the engine's lock), then recomputes the cache.
+            self.system_prompt_tokens = self.engine.set_system_prompt(effective.model.system_prompt)
+        return live, restart
+
+    def publish_node_error(self, message: str) -> None:
+        error = ProtocolError(ErrorCode.INTERNAL, message)
+        self._publish(self.topics.node_error(), encode(error.payload()))
+
     # -- status ----------------------------------------------------------------------------
 
     def _status_bytes(self) -> bytes:
@@ -685,6 +722,39 @@ class Daemon:
             finish_reason,
             result.completion_tokens if result else 0,
         )
+
+
+# Keys that only take effect on a restart: they shape connections, threads or files opened at
+# start. Everything else (clinical thresholds, limits, prompts, streaming, logging) is live.
+RESTART_KEYS = (
+    "node_id",
+    "mqtt.",
+    "model.path",
+    "model.threads",
+    "model.context_length",
+    "model.verify_hashes",
+    "model.spin_threads",
+    "model.enabled",
+    "delivery.",
+    "service.",
+    "status.",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _assign(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
 
 
 def _safe_id(value: str | None) -> str | None:

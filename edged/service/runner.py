@@ -2,7 +2,8 @@
 
 READY=1 goes out only once the model is loaded and the broker connection is up; WATCHDOG=1
 only while `Daemon.healthy()` holds, so a wedged inference thread or a dead MQTT loop gets the
-service restarted by systemd; STOPPING=1 on SIGTERM, before the graceful drain.
+service restarted by systemd; STOPPING=1 on SIGTERM, before the graceful drain; RELOADING=1
+then READY=1 around a SIGHUP reload.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
+from edged.config.loader import ConfigError
 from edged.config.models import EdgedConfig
 from edged.service.daemon import Daemon
 from edged.service.notify import Notifier
@@ -26,21 +29,45 @@ def _status_line(daemon: Daemon) -> str:
     return f"{daemon.state.value}, governor nominal, queue {len(daemon.scheduler)}, {connected}"
 
 
-def run_daemon(config: EdgedConfig, notifier: Notifier | None = None) -> int:
+def _reload(daemon: Daemon, load: Callable[[], EdgedConfig], notifier: Notifier) -> None:
+    notifier.send("RELOADING=1")
+    try:
+        new = load()
+    except ConfigError as exc:
+        first = str(exc).splitlines()[0]
+        log.error("reload failed, still running on the previous configuration: %s", exc)
+        daemon.publish_node_error(
+            f"configuration reload failed; still running on the previous configuration: {first}"
+        )
+    else:
+        live, restart = daemon.apply_config(new)
+        log.info(
+            "reloaded: %d key(s) applied%s", len(live), f" ({', '.join(live)})" if live else ""
+        )
+        if restart:
+            log.warning(
+                "reload: %s changed but take(s) effect only after a restart", ", ".join(restart)
+            )
+    notifier.send("READY=1", f"STATUS={_status_line(daemon)}")
+
+
+def run_daemon(
+    config: EdgedConfig,
+    notifier: Notifier | None = None,
+    load: Callable[[], EdgedConfig] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT. SIGHUP re-reads the config with `load` and applies what can
+    change live; an invalid file leaves the running configuration in place."""
     notifier = notifier or Notifier()
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
 
     def on_hangup(signum: int, frame: FrameType | None) -> None:
-        # Live reload is not built yet (issue #5). Ignoring SIGHUP beats Python's default of
-        # dying from it, which systemd counts as a clean exit and would not restart.
-        log.warning(
-            "SIGHUP: configuration reload is not implemented yet; restart the service "
-            "to apply a changed config"
-        )
+        reload.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -59,7 +86,13 @@ def run_daemon(config: EdgedConfig, notifier: Notifier | None = None) -> int:
     ping_every = notifier.watchdog_interval_s or _STATUS_EVERY_S
     last_status = 0.0
     was_healthy = True
-    while not stop.wait(min(ping_every, _STATUS_EVERY_S)):
+    while not stop.wait(min(ping_every, 1.0)):
+        if reload.is_set():
+            reload.clear()
+            if load is None:
+                log.warning("SIGHUP: no configuration source to reload from")
+            else:
+                _reload(daemon, load, notifier)
         healthy, why = daemon.healthy()
         if healthy:
             notifier.watchdog()

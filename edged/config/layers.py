@@ -1,0 +1,229 @@
+"""Fleet configuration: layers merged into one `EdgedConfig`, remembering where each value
+came from.
+
+Lowest to highest: built-in defaults → the fleet file's `defaults:` → the board profile
+(`profiles:`, chosen by `profile:` or detected from the board) → the fleet file's entry for this
+node (`nodes:`) → a node-local override file → environment variables
+`EDGED_<SECTION>__<KEY>` → command-line `--set key=value`. A config file without `defaults:`,
+`profiles:` or `nodes:` is a single-node file and sits where the fleet's node entry would.
+String values may hold `${ENV_VAR}` placeholders, so secrets stay out of the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edged.config.loader import ConfigError, key_lines, parse_config, yaml_error
+from edged.config.models import EdgedConfig
+
+FLEET_KEYS = ("defaults", "profiles", "nodes")
+PROFILES = ("pi4", "pi5", "jetson-orin-nano", "generic")
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_KEYS = ("password",)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: EdgedConfig
+    origins: dict[str, str]
+    """Dotted key -> the layer that set it (`default` when none did)."""
+    profile: str
+
+
+def detect_board(root: Path = Path("/")) -> str:
+    """The profile for this board, from the kernel's device tree and NVIDIA's release file.
+    `root` is configurable so tests can point it at a fake tree."""
+    if (root / "etc" / "nv_tegra_release").is_file():
+        return "jetson-orin-nano"
+    try:
+        model = (root / "proc" / "device-tree" / "model").read_bytes().decode(errors="replace")
+    except OSError:
+        return "generic"
+    model = model.rstrip("\0")
+    if "Raspberry Pi 5" in model:
+        return "pi5"
+    if "Raspberry Pi 4" in model:
+        return "pi4"
+    if "NVIDIA Jetson" in model:
+        return "jetson-orin-nano"
+    return "generic"
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error(path, exc)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data, key_lines(text)
+
+
+def _merge(
+    base: dict[str, Any],
+    layer: Mapping[str, Any],
+    origin: str,
+    origins: dict[str, str],
+    prefix: str = "",
+) -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, origins, dotted + ".")
+        elif isinstance(value, Mapping):
+            base[key] = {}
+            _merge(base[key], value, origin, origins, dotted + ".")
+        else:
+            base[key] = value
+            origins[dotted] = origin
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    """EDGED_MQTT__HOST=b -> {"mqtt": {"host": "b"}}; values are YAML scalars ("2" is 2)."""
+    layer: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith("EDGED_") or name.startswith("EDGED_GENAI"):
+            continue
+        path = [p.lower() for p in name[len("EDGED_") :].split("__")]
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return layer
+
+
+def _flag_layer(flags: list[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for flag in flags:
+        key, sep, raw = flag.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {flag!r}: expected KEY=VALUE, e.g. mqtt.port=8883")
+        node = layer
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw else raw
+    return layer
+
+
+def _substitute(data: Any, environ: Mapping[str, str], where: str, path: str = "") -> Any:
+    if isinstance(data, dict):
+        return {k: _substitute(v, environ, where, f"{path}{k}.") for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute(v, environ, where, path) for v in data]
+    if isinstance(data, str) and "${" in data:
+
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(
+                    f"{where}: {path.rstrip('.')}: environment variable {name} is not set"
+                )
+            return environ[name]
+
+        return _PLACEHOLDER.sub(value, data)
+    return data
+
+
+def resolve(
+    config_file: Path,
+    *,
+    node_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: list[str] | None = None,
+    node_id: str | None = None,
+    board_root: Path = Path("/"),
+) -> Resolved:
+    env = os.environ if environ is None else environ
+    data, lines = _read_yaml(config_file)
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    upper: list[tuple[str, dict[str, Any]]] = []
+    profiles: dict[str, Any] = {}
+    source = str(config_file)
+    if any(k in data for k in FLEET_KEYS):
+        unknown = sorted(set(data) - set(FLEET_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{source}: a fleet file has only defaults, profiles and nodes; "
+                f"unknown top-level key(s) {', '.join(unknown)}"
+            )
+        _merge(merged, data.get("defaults") or {}, "fleet", origins)
+        profiles = data.get("profiles") or {}
+        nodes = data.get("nodes") or {}
+        host = node_id or env.get("EDGED_NODE_ID") or merged.get("node_id") or _hostname()
+        if host in nodes:
+            upper.append(("node", nodes[host] or {}))
+    else:
+        upper.append(("file", data))
+    if node_file is not None:
+        upper.append((f"node-file {node_file}", _read_yaml(node_file)[0]))
+    upper.append(("env", _env_layer(env)))
+    upper.append(("flag", _flag_layer(flags or [])))
+
+    # The profile is chosen by the highest layer that names one, else detected.
+    chosen = "auto"
+    for _, layer in [("fleet", merged), *upper]:
+        if isinstance(layer.get("profile"), str):
+            chosen = layer["profile"]
+    profile = detect_board(board_root) if chosen == "auto" else chosen
+    if profiles and profile not in profiles:
+        raise ConfigError(
+            f"{source}: profile {profile!r} is not one of the fleet file's "
+            f"profiles ({', '.join(profiles)})"
+        )
+    if profile in profiles:
+        _merge(merged, profiles[profile] or {}, f"profile {profile}", origins)
+    for origin, layer in upper:
+        _merge(merged, layer, origin, origins)
+    merged.pop("profile", None)
+    origins.pop("profile", None)
+    merged = _substitute(merged, env, source)
+    config = parse_config(merged, source, base_dir=config_file.resolve().parent, key_lines=lines)
+    return Resolved(config, origins, profile)
+
+
+def _hostname() -> str:
+    import socket
+
+    from edged.mqtt.topics import sanitize_node_id
+
+    return sanitize_node_id(socket.gethostname())
+
+
+def render_resolved(resolved: Resolved) -> str:
+    """Every leaf of the config, its value (secrets masked) and where it came from."""
+    out: list[str] = [f"# profile: {resolved.profile}"]
+
+    def walk(data: Any, prefix: str) -> None:
+        if isinstance(data, dict) and data:
+            for key, value in data.items():
+                walk(value, f"{prefix}{key}.")
+            return
+        key = prefix.rstrip(".")
+        shown = "********" if key.rsplit(".", 1)[-1] in _SECRET_KEYS and data else data
+        out.append(
+            f"{key} = {yaml.safe_dump(shown, default_flow_style=True).strip()}"
+            f"    # {resolved.origins.get(key, 'default')}"
+        )
+
+    walk(resolved.config.model_dump(mode="json"), "")
+    text = "\n".join(line.replace("\n...", "") for line in out)
+    return text + "\n"

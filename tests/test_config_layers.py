@@ -1,0 +1,174 @@
+"""Fleet configuration layers, profiles, board detection, placeholders and origins."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edged.config.layers import detect_board, resolve
+from edged.config.loader import ConfigError
+from edged.service.broker import PrivateBroker
+from tests._mqtt import DaemonProcess, P, TestClient, daemon_config, reply_to
+
+REPO = Path(__file__).resolve().parent.parent
+FLEET = REPO / "config" / "fleet.example.yaml"
+
+
+def _board(tmp_path: Path, model: str | None = None, tegra: bool = False) -> Path:
+    """A fake root in the kernel's format: /proc/device-tree/model is NUL-terminated."""
+    root = tmp_path / "root"
+    (root / "proc" / "device-tree").mkdir(parents=True)
+    (root / "etc").mkdir()
+    if model is not None:
+        (root / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")
+    if tegra:
+        (root / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 3.0\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("model", "tegra", "profile"),
+    [
+        ("Raspberry Pi 5 Model B Rev 1.0", False, "pi5"),
+        ("Raspberry Pi 4 Model B Rev 1.4", False, "pi4"),
+        ("NVIDIA Jetson Orin Nano Developer Kit", False, "jetson-orin-nano"),
+        (None, True, "jetson-orin-nano"),
+        (None, False, "generic"),
+        ("Some Other Board", False, "generic"),
+    ],
+)
+def test_board_is_detected_from_the_device_tree(
+    tmp_path: Path, model: str | None, tegra: bool, profile: str
+) -> None:
+    assert detect_board(_board(tmp_path, model, tegra)) == profile
+
+
+def test_layers_override_in_order_and_remember_origins(tmp_path: Path) -> None:
+    node_file = tmp_path / "local.yaml"
+    node_file.write_text("limits: {queue_size: 4}\nmodel: {context_length: 512}\n")
+    resolved = resolve(
+        FLEET,
+        node_id="ward3-pi",
+        node_file=node_file,
+        environ={
+            "EDGED_MODEL__CONTEXT_LENGTH": "768",
+            "EDGED_MQTT__PORT": "8884",
+            "BROKER_PASSWORD": "pw",
+        },
+        flags=["mqtt.port=9999"],
+        board_root=_board(tmp_path, "Raspberry Pi 4 Model B"),
+    )
+    c, origins = resolved.config, resolved.origins
+    assert resolved.profile == "pi5"  # the node's profile beats detection
+    assert c.model.threads == 3 and origins["model.threads"] == "profile pi5"
+    assert c.mqtt.host == "broker.ward.local" and origins["mqtt.host"] == "fleet"
+    assert c.mqtt.password == "pw" and origins["mqtt.password"] == "node"
+    assert c.limits.queue_size == 4 and origins["limits.queue_size"].startswith("node-file")
+    assert c.model.context_length == 768 and origins["model.context_length"] == "env"
+    assert c.mqtt.port == 9999 and origins["mqtt.port"] == "flag"
+    assert "limits.drain_timeout_s" not in origins  # a built-in default
+
+
+def test_profile_is_detected_when_the_node_names_none(tmp_path: Path) -> None:
+    resolved = resolve(
+        FLEET,
+        node_id="unknown-node",
+        environ={},
+        board_root=_board(tmp_path, "Raspberry Pi 4 Model B Rev 1.4"),
+    )
+    assert resolved.profile == "pi4"
+    assert resolved.config.model.context_length == 1024
+
+
+def test_env_placeholders_fill_secrets_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "edged.yaml"
+    path.write_text("mqtt: {username: edged, password: '${BROKER_PW}'}\nmodel: {path: m}\n")
+    assert resolve(path, environ={"BROKER_PW": "s3cret"}).config.mqtt.password == "s3cret"
+    with pytest.raises(ConfigError, match="mqtt.password: environment variable BROKER_PW"):
+        resolve(path, environ={})
+
+
+def test_unknown_profile_and_unknown_fleet_keys_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="profile 'pi9' is not one of"):
+        resolve(FLEET, flags=["profile=pi9"], environ={})
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("defaults: {model: {path: m}}\nmqtt: {port: 1}\n")
+    with pytest.raises(ConfigError, match="unknown top-level key"):
+        resolve(bad, environ={})
+
+
+def test_show_resolved_prints_origins_and_masks_secrets(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edged",
+            "config",
+            "show",
+            "--resolved",
+            str(FLEET),
+            "--node-id",
+            "clinic-jetson-01",
+            "--set",
+            "mqtt.password=hunter2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "hunter2" not in out.stdout
+    assert "mqtt.password = '********'    # flag" in out.stdout
+    assert "model.threads = 4    # profile jetson-orin-nano" in out.stdout
+    assert "limits.drain_timeout_s = 10.0    # default" in out.stdout
+
+
+def test_fleet_example_passes_the_schema() -> None:
+    for node in ("ward3-pi", "clinic-jetson-01", "someone-else"):
+        resolve(FLEET, node_id=node, environ={"BROKER_PASSWORD": "pw"})
+
+
+def test_sighup_keeps_the_old_config_when_broken_and_applies_live_keys_when_valid(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    proc = DaemonProcess(daemon_config(broker.port, tmp_path / "state"), tmp_path)
+    good = yaml.safe_load(proc.config_path.read_text())
+    gateway = TestClient(broker.port, [f"{P}/w1/#", f"{P}/_node/+/error"])
+    proc.start()
+    try:
+        proc.wait_log("connected to broker")
+        time.sleep(0.3)
+        ask = {"text": "Tell me about my heart.", "include_vitals": False, "max_tokens": 100}
+        gateway.publish(f"{P}/w1/query", {"id": "before", **ask})
+        assert gateway.wait_for(reply_to("before")).json()["finish_reason"] == "length"
+
+        proc.config_path.write_text("mqtt: {port: [unclosed\n")
+        proc.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        node_error = gateway.wait_for(
+            lambda r: r.topic.endswith("/error") and "reload failed" in r.json()["message"]
+        )
+        assert node_error.topic == f"{P}/_node/test-node/error"
+        gateway.publish(f"{P}/w1/query", {"id": "still-old", **ask})
+        assert gateway.wait_for(reply_to("still-old")).json()["finish_reason"] == "length"
+
+        good["limits"]["max_tokens_cap"] = 64
+        good["limits"]["default_max_tokens"] = 16
+        good["mqtt"]["keepalive_s"] = 45  # needs a restart: reported, not applied
+        proc.config_path.write_text(yaml.safe_dump(good))
+        proc.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        proc.wait_log("reload: mqtt.keepalive_s changed but take(s) effect only after a restart")
+        gateway.publish(f"{P}/w1/query", {"id": "after", **ask})
+        err = gateway.wait_for(reply_to("after")).json()
+        assert err["code"] == "out_of_range" and "1..64" in err["message"]
+        assert proc.proc.poll() is None, "the daemon kept running through both reloads"
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
+        gateway.close()
