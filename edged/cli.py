@@ -132,7 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbosity: int, command: str) -> None:
     quiet = logging.INFO if command == "run" else logging.WARNING
     level = quiet if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edged.service.journal import setup_logging
+
+    setup_logging(level)
 
 
 def _load_engine(args: argparse.Namespace) -> Any:
