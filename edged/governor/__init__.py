@@ -1,0 +1,1 @@
+"""The resource governor: sensors (kernel files) and policy (pure functions)."""
