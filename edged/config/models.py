@@ -158,6 +158,10 @@ class StatusConfig(Section):
 
 
 class GovernorConfig(Section):
+    sensor_root: Path = Field(
+        Path("/"),
+        description="where /sys and /proc are read from (tests point it at a fake tree)",
+    )
     pause_ms: float = Field(
         0.0,
         ge=0,

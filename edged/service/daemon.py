@@ -48,6 +48,8 @@ from edged.engine import (
     GenerationResult,
     ModelDirError,
 )
+from edged.governor.memory_check import check_model_fits
+from edged.governor.sensors import read_all
 from edged.mqtt.answer_store import AnswerStore
 from edged.mqtt.errors import ErrorCode, ProtocolError
 from edged.mqtt.messages import (
@@ -157,6 +159,9 @@ class Daemon:
             log.warning("model disabled by config: queries get triage-only (degraded) answers")
             return None
         try:
+            # Refuse, with the numbers, a model that cannot fit, rather than being OOM-killed
+            # halfway through loading it; the daemon then serves triage-only answers.
+            check_model_fits(m.path, m.context_length, read_all(config.governor.sensor_root))
             return Engine.load(
                 m.path,
                 EngineOptions(
