@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from edged.config.loader import ConfigError, key_lines, parse_config, yaml_error
+from edged.config.loader import ConfigError, parse_config, read_yaml
 from edged.config.models import EdgedConfig
 
 FLEET_KEYS = ("defaults", "profiles", "nodes")
@@ -54,22 +54,6 @@ def detect_board(root: Path = Path("/")) -> str:
     if "NVIDIA Jetson" in model:
         return "jetson-orin-nano"
     return "generic"
-
-
-def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(yaml_error(path, exc)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data, key_lines(text)
 
 
 def _merge(
@@ -152,7 +136,7 @@ def resolve(
     board_root: Path = Path("/"),
 ) -> Resolved:
     env = os.environ if environ is None else environ
-    data, lines = _read_yaml(config_file)
+    data, lines = read_yaml(config_file)
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     upper: list[tuple[str, dict[str, Any]]] = []
@@ -174,7 +158,7 @@ def resolve(
     else:
         upper.append(("file", data))
     if node_file is not None:
-        upper.append((f"node-file {node_file}", _read_yaml(node_file)[0]))
+        upper.append((f"node-file {node_file}", read_yaml(node_file)[0]))
     upper.append(("env", _env_layer(env)))
     upper.append(("flag", _flag_layer(flags or [])))
 

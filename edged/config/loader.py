@@ -119,8 +119,8 @@ def _resolve_paths(config: EdgedConfig, base_dir: Path) -> EdgedConfig:
     )
 
 
-def load_config(path: str | Path) -> EdgedConfig:
-    path = Path(path)
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """A YAML file's top-level mapping and the line of every key, or one-line ConfigErrors."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -129,7 +129,18 @@ def load_config(path: str | Path) -> EdgedConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_error(path, exc)) from None
-    return parse_config(data, str(path), base_dir=path.resolve().parent, key_lines=key_lines(text))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data, key_lines(text)
+
+
+def load_config(path: str | Path) -> EdgedConfig:
+    """A single config file, without fleet layers (see `edged.config.layers.resolve`)."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    return parse_config(data, str(path), base_dir=path.resolve().parent, key_lines=lines)
 
 
 def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
