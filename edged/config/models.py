@@ -158,6 +158,17 @@ class StatusConfig(Section):
 
 
 class GovernorConfig(Section):
+    enabled: bool = Field(True, description="watch temperature and memory and back off")
+    profile: Literal["auto", "pi4", "pi5", "jetson-orin-nano", "generic"] = Field(
+        "auto", description="whose thermal bands to use; auto = detect the board"
+    )
+    interval_s: float = Field(2.0, gt=0, le=60, description="how often the sensors are read")
+    hysteresis_c: float = Field(
+        3.0, ge=0, le=20, description="a thermal band is left only this far below its entry"
+    )
+    dwell_s: float = Field(
+        15.0, ge=0, le=3600, description="minimum time in a state before a cooler one"
+    )
     sensor_root: Path = Field(
         Path("/"),
         description="where /sys and /proc are read from (tests point it at a fake tree)",

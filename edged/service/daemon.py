@@ -39,6 +39,7 @@ from edged.clinical.alerts import AlertGate, alert_payload
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import Triage as ClinicalTriage
 from edged.clinical.triage import assess
+from edged.config.layers import detect_board
 from edged.config.models import EdgedConfig
 from edged.engine import (
     ContextFullError,
@@ -49,7 +50,15 @@ from edged.engine import (
     ModelDirError,
 )
 from edged.governor.memory_check import check_model_fits
-from edged.governor.sensors import read_all
+from edged.governor.policy import (
+    PROFILE_BANDS,
+    GovernorDecision,
+    GovernorInput,
+    GovernorPolicy,
+    GovernorState,
+    decide,
+)
+from edged.governor.sensors import Readings, read_all
 from edged.mqtt.answer_store import AnswerStore
 from edged.mqtt.errors import ErrorCode, ProtocolError
 from edged.mqtt.messages import (
@@ -149,6 +158,12 @@ class Daemon:
         )
         self._worker = threading.Thread(target=self._work_loop, name="edged-worker", daemon=True)
         self._status = threading.Thread(target=self._status_loop, name="edged-status", daemon=True)
+        self.readings: Readings | None = None
+        self._governor_state: GovernorState | None = None
+        self.decision = self._governor_tick(publish=False)
+        self._governor = threading.Thread(
+            target=self._governor_loop, name="edged-governor", daemon=True
+        )
 
     @staticmethod
     def _load_engine(config: EdgedConfig) -> Engine | None:
@@ -181,6 +196,8 @@ class Daemon:
         self.state = NodeState.ONLINE if self.engine else NodeState.DEGRADED
         self._worker.start()
         self._status.start()
+        if self.config.governor.enabled:
+            self._governor.start()
         self.transport.start()
         log.info(
             "edged %s node %s serving %s on %s:%d (prefix %s)",
@@ -276,15 +293,80 @@ class Daemon:
                 version=__version__,
                 model=engine.manifest.name if engine else None,
                 threads=engine.threads if engine else None,
-                governor="nominal",
-                temp_c=None,
-                mem_available_mb=int(psutil.virtual_memory().available / 2**20),
+                governor=self.decision.state,
+                temp_c=self.readings.temp_c if self.readings else None,
+                mem_available_mb=int(self._mem_available_mb()),
                 queue=len(self.scheduler),
                 decode_tps=self.scheduler.decode_tps if self.counters.answered else None,
                 uptime_s=time.monotonic() - self._started_at,
                 ts=time.time(),
             )
         )
+
+    def _mem_available_mb(self) -> float:
+        r = self.readings
+        if r is not None and r.mem_headroom_mb is not None:
+            return r.mem_headroom_mb
+        return psutil.virtual_memory().available / 2**20
+
+    # -- governor --------------------------------------------------------------------------
+
+    def _governor_policy(self) -> GovernorPolicy:
+        g = self.config.governor
+        profile = detect_board(g.sensor_root) if g.profile == "auto" else g.profile
+        base = PROFILE_BANDS.get(profile, PROFILE_BANDS["generic"])
+        threads = self.engine.threads if self.engine else 1
+        policy = GovernorPolicy.for_profile(profile, max_threads=threads)
+        bands = type(base)(base.warm_c, base.hot_c, base.critical_c, g.hysteresis_c, g.dwell_s)
+        return GovernorPolicy(bands=bands, max_threads=threads, settings=policy.settings)
+
+    def _governor_tick(self, publish: bool = True) -> GovernorDecision:
+        """Read the sensors, decide, and log and publish a change of state."""
+        g = self.config.governor
+        if not g.enabled:
+            readings = None
+            decision, state = decide(
+                None, GovernorInput(temp_c=None), self._governor_policy(), time.monotonic()
+            )
+        else:
+            readings = read_all(g.sensor_root)
+            throttle = readings.throttle
+            reading = GovernorInput(
+                temp_c=readings.temp_c,
+                firmware_throttling=bool(
+                    throttle
+                    and (throttle.throttled or throttle.freq_capped or throttle.soft_temp_limit)
+                ),
+                mem_headroom_mb=readings.mem_headroom_mb,
+            )
+            decision, state = decide(
+                self._governor_state, reading, self._governor_policy(), time.monotonic()
+            )
+        previous = getattr(self, "decision", None)
+        self.readings, self._governor_state, self.decision = readings, state, decision
+        if previous is not None and (previous.state, previous.accept_queries) != (
+            decision.state,
+            decision.accept_queries,
+        ):
+            log.warning(
+                "governor: %s -> %s (%s)%s",
+                previous.state,
+                decision.state,
+                decision.reason,
+                ""
+                if decision.accept_queries
+                else "; refusing new queries: memory headroom too low",
+            )
+            if publish and self.transport.connected:
+                self.publish_status()
+        return decision
+
+    def _governor_loop(self) -> None:
+        while not self._stopping.wait(self.config.governor.interval_s):
+            try:
+                self._governor_tick()
+            except Exception:
+                log.exception("governor tick failed")
 
     def publish_status(self) -> None:
         self._publish(self.topics.status(), self._status_bytes(), retain=True)
@@ -470,6 +552,19 @@ class Daemon:
             payload=QueryWork(query, route),
             acks=[msg.ack],
         )
+        if not self.decision.accept_queries:
+            self._send_error(
+                route.topic,
+                ProtocolError(
+                    ErrorCode.BUSY,
+                    "memory headroom is too low to take queries right now; retry later",
+                    id=query.id,
+                    retry_after_ms=int(self.config.governor.interval_s * 2000),
+                ),
+                route.correlation,
+                [msg.ack],
+            )
+            return
         try:
             self.scheduler.submit(job)
         except QueueFull as full:
@@ -589,7 +684,8 @@ class Daemon:
         clinical = self.config.clinical
         window = self.vitals.window(job.wearer, time.time())
         triage = assess(window, clinical.red_flags)
-        if self.engine is None:
+        if self.engine is None or not self.decision.model_available:
+            # No model, or the governor paused it (critical temperature): triage alone.
             self._answer(job, started, triage, degraded_text(triage), "degraded", None)
             return
         engine = self.engine
@@ -604,7 +700,8 @@ class Daemon:
             )
         m = self.config.model
         config = GenerationConfig(
-            max_new_tokens=query.max_tokens,
+            # A hot board answers shorter (the governor's cap), never longer than asked.
+            max_new_tokens=min(query.max_tokens, self.decision.max_new_tokens or query.max_tokens),
             temperature=m.temperature,
             top_k=m.top_k,
             top_p=m.top_p,
@@ -622,7 +719,6 @@ class Daemon:
                 self.config.streaming.interval_ms,
                 self.config.streaming.max_tokens,
             )
-        pause_s = self.config.governor.pause_ms / 1000.0
 
         def stop_check() -> str | None:
             if self._abort.is_set():
@@ -637,8 +733,10 @@ class Daemon:
             self._heartbeat = time.monotonic()
             self.scheduler.progress(query.max_tokens - step)
             self._expire_queued()
-            if pause_s:
-                time.sleep(pause_s)
+            # The duty cycle: the configured floor, or more when the governor says so.
+            pause_ms = max(self.config.governor.pause_ms, self.decision.pause_ms)
+            if pause_ms:
+                time.sleep(pause_ms / 1000.0)
 
         messages = [
             {"role": "system", "content": m.system_prompt},
@@ -710,7 +808,7 @@ class Daemon:
                 else None,
                 total_ms=(time.monotonic() - job.received_at) * 1000,
                 threads=engine.threads if engine else None,
-                governor_state="nominal",
+                governor_state=self.decision.state,
                 disclaimer=self.config.clinical.disclaimer,
             )
         )

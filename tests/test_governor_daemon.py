@@ -1,0 +1,101 @@
+"""The governor inside the running daemon, driven by a fake thermal zone and cgroup in the
+kernel's formats (this machine has neither), against a real mosquitto."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edged.service.daemon import Daemon
+from tests._mqtt import P, TestClient, reply_to
+
+
+def _board(tmp_path: Path, temp_c: float) -> Path:
+    root = tmp_path / "board"
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    set_temp(root, temp_c)
+    return root
+
+
+def set_temp(root: Path, temp_c: float) -> None:
+    (root / "sys/class/thermal/thermal_zone0/temp").write_text(f"{int(temp_c * 1000)}\n")
+
+
+def _governed(start_daemon: Callable[..., Daemon], root: Path) -> Daemon:
+    return start_daemon(
+        governor={
+            "sensor_root": str(root),
+            "profile": "generic",
+            "interval_s": 0.1,
+            "dwell_s": 0.3,
+            "hysteresis_c": 3,
+        }
+    )
+
+
+def _ask(gateway: TestClient, qid: str) -> dict:
+    gateway.publish(
+        f"{P}/w1/query",
+        {"id": qid, "text": "Tell me about my heart.", "include_vitals": False, "max_tokens": 16},
+    )
+    return gateway.wait_for(reply_to(qid)).json()
+
+
+def test_critical_temperature_pauses_the_model_but_not_alerts(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    root = _board(tmp_path, 45.0)
+    daemon = _governed(start_daemon, root)
+    assert _ask(gateway, "cool")["finish_reason"] == "length"
+
+    set_temp(root, 95.0)  # generic profile: critical from 90 °C
+    status = gateway.wait_for(
+        lambda r: r.topic.endswith("/status") and r.json()["governor"] == "critical", timeout=5
+    )
+    assert status.json()["temp_c"] == 95.0
+    hot = _ask(gateway, "hot")
+    assert hot["finish_reason"] == "degraded" and hot["governor"]["state"] == "critical"
+    gateway.publish(f"{P}/w1/vitals", {"ts": time.time(), "spo2": 84})
+    assert gateway.wait_for(lambda r: r.topic == f"{P}/w1/alert").json()["severity"] == "high"
+
+    set_temp(root, 40.0)  # below 90 - 3, and after the dwell: back to nominal
+    gateway.drain(0.0)  # forget the statuses from before the heat
+    gateway.wait_for(
+        lambda r: r.topic.endswith("/status") and r.json()["governor"] == "nominal", timeout=5
+    )
+    assert _ask(gateway, "cool-again")["finish_reason"] == "length"
+    assert daemon.decision.model_available
+
+
+def test_hot_board_slows_down_and_caps_answers(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    root = _board(tmp_path, 85.0)  # generic: hot from 83 °C
+    daemon = _governed(start_daemon, root)
+    assert daemon.decision.state == "hot" and daemon.decision.pause_ms > 0
+    answer = _ask(gateway, "slow")
+    assert answer["governor"]["state"] == "hot"
+    assert answer["timing_ms"]["total"] >= 15 * daemon.decision.pause_ms  # paused every step
+
+
+def test_low_memory_headroom_answers_busy(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    root = _board(tmp_path, 45.0)
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("0::/edged\n")
+    group = root / "sys/fs/cgroup/edged"
+    group.mkdir(parents=True)
+    # Plenty at start (the model loads), then the cgroup fills up.
+    (group / "memory.max").write_text(f"{2048 * 2**20}\n")
+    (group / "memory.current").write_text(f"{100 * 2**20}\n")
+    _governed(start_daemon, root)
+    assert _ask(gateway, "before")["finish_reason"] == "length"
+    (group / "memory.current").write_text(f"{2000 * 2**20}\n")  # 48 MB headroom < 256 MB
+    time.sleep(0.5)
+    busy = _ask(gateway, "squeezed")
+    assert busy["code"] == "busy" and busy["retry_after_ms"] > 0
+    assert "memory headroom" in busy["message"]
