@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= tests/fixtures/tiny-qwen3-int4
 
-.PHONY: demo test lint bench install install-dev clean
+.PHONY: demo ask test lint bench install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
+# A private mosquitto, the daemon on the bundled model, simulated wearables (edged demo).
 demo: $(VENV)/.runtime
+	$(VENV)/bin/edged demo --model $(MODEL)
+
+# One question on the terminal, no broker needed.
+ask: $(VENV)/.runtime
 	$(VENV)/bin/edged ask --model $(MODEL) --max-tokens 48 \
 	  "My smartwatch says my resting heart rate is 118. Should I worry?"
 
