@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -322,3 +323,43 @@ def test_runner_matches_a_plain_reference_loop(model: Path) -> None:
         cur = [tokens[-1]]
     result = engine.generate(ids, GenerationConfig(max_new_tokens=20, ignore_eos=True))
     assert list(result.token_ids) == tokens
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_parallelism_changes_mid_generation_without_reload_or_new_tokens() -> None:
+    engine = Engine.load(INT4, EngineOptions(threads=2, context_length=256))
+    assert engine.cores.pool_threads, "the session's intra-op pool threads were found"
+    ids = engine.render_chat(_messages())
+    cfg = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+    reference = engine.generate(ids, cfg).token_ids
+    session_before = engine.session
+    rss_before = _rss_mb()
+    seen: list[set[int]] = []
+
+    def narrow_at_step_10(step: int) -> None:
+        if step == 10:
+            engine.set_parallelism(1)
+        if step == 11:
+            seen.extend(os.sched_getaffinity(t) for t in engine.cores.pool_threads)
+
+    switched = engine.generate(ids, cfg, between_steps=narrow_at_step_10)
+    assert switched.token_ids == reference
+    assert engine.parallelism == 1 and engine.session is session_before
+    one_core = engine.cores.cpu_set()
+    assert seen and all(s == one_core for s in seen)
+    assert os.sched_getaffinity(0) == one_core, "the calling thread follows the limit"
+    assert _rss_mb() <= rss_before * 1.05
+    engine.set_parallelism(2)
+    again = engine.generate(ids, cfg)
+    assert again.token_ids == reference and engine.parallelism == 2
+    assert all(
+        os.sched_getaffinity(t) == set(engine.cores.cores[:2]) for t in engine.cores.pool_threads
+    )

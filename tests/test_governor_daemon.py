@@ -32,7 +32,8 @@ def _governed(start_daemon: Callable[..., Daemon], root: Path) -> Daemon:
             "interval_s": 0.1,
             "dwell_s": 0.3,
             "hysteresis_c": 3,
-        }
+        },
+        model={"threads": 2},
     )
 
 
@@ -62,12 +63,13 @@ def test_critical_temperature_pauses_the_model_but_not_alerts(
     assert gateway.wait_for(lambda r: r.topic == f"{P}/w1/alert").json()["severity"] == "high"
 
     set_temp(root, 40.0)  # below 90 - 3, and after the dwell: back to nominal
-    gateway.drain(0.0)  # forget the statuses from before the heat
+    gateway.drain(0.3)  # forget the statuses from before the heat
     gateway.wait_for(
         lambda r: r.topic.endswith("/status") and r.json()["governor"] == "nominal", timeout=5
     )
     assert _ask(gateway, "cool-again")["finish_reason"] == "length"
     assert daemon.decision.model_available
+    assert daemon.engine is not None and daemon.engine.parallelism == 2
 
 
 def test_hot_board_slows_down_and_caps_answers(
@@ -76,8 +78,9 @@ def test_hot_board_slows_down_and_caps_answers(
     root = _board(tmp_path, 85.0)  # generic: hot from 83 °C
     daemon = _governed(start_daemon, root)
     assert daemon.decision.state == "hot" and daemon.decision.pause_ms > 0
+    assert daemon.engine is not None and daemon.engine.parallelism == 1  # 2 threads, 1 core
     answer = _ask(gateway, "slow")
-    assert answer["governor"]["state"] == "hot"
+    assert answer["governor"] == {"state": "hot", "threads": 1}
     assert answer["timing_ms"]["total"] >= 15 * daemon.decision.pause_ms  # paused every step
 
 

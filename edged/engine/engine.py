@@ -29,6 +29,7 @@ from edged.engine.generate import (
 )
 from edged.engine.graph import GraphLayout, inspect_graph
 from edged.engine.manifest import ModelDirError, ModelManifest, load_manifest
+from edged.engine.parallelism import CoreLimiter, created_threads
 from edged.engine.runner import make_runner
 from edged.engine.tokenizer import ChatTokenizer, Message
 
@@ -102,6 +103,7 @@ class Engine:
         self._runner = make_runner(session, layout, self.context_length)
         self._lock = threading.Lock()
         self._prefix: PrefixEntry | None = None
+        self.cores = CoreLimiter(set(), list(range(threads)))
         self.eos_ids = frozenset(manifest.eos_token_ids)
         reasoning = manifest.reasoning
         self.think_ids: tuple[int | None, int | None] = (
@@ -122,15 +124,18 @@ class Engine:
         spin = options.spin if options.spin is not None else threads >= cores
         graph = model_dir / manifest.graph_file
         try:
-            session = ort.InferenceSession(
-                str(graph),
-                sess_options=session_options(threads, spin),
-                providers=["CPUExecutionProvider"],
+            session, pool = created_threads(
+                lambda: ort.InferenceSession(
+                    str(graph),
+                    sess_options=session_options(threads, spin),
+                    providers=["CPUExecutionProvider"],
+                )
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelDirError(f"{graph}: onnxruntime cannot load the graph: {exc}") from exc
         layout = inspect_graph(session, manifest, model_dir)
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
+        engine.cores = CoreLimiter.for_this_process(pool)
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
             manifest.name,
@@ -207,7 +212,17 @@ class Engine:
         """Generate from token ids. `on_text` gets answer deltas (never reasoning);
         `stop_check` is polled every token and returns a finish reason to stop;
         `between_steps` runs between decode steps (the governor's pause point)."""
+        cores = self.cores
+
+        def step(n: int) -> None:
+            # The calling thread runs a share of every op: it follows the core limit too, so a
+            # change made mid-generation applies from the next decode step.
+            cores.pin_caller()
+            if between_steps is not None:
+                between_steps(n)
+
         with self._lock:
+            cores.pin_caller()
             return run_generation(
                 self._runner,
                 self.tokenizer,
@@ -219,7 +234,7 @@ class Engine:
                 prefill_chunk=self.options.prefill_chunk,
                 on_text=on_text,
                 stop_check=stop_check,
-                between_steps=between_steps,
+                between_steps=step,
             )
 
     def chat(
@@ -236,6 +251,15 @@ class Engine:
         return self.generate(
             ids, config, on_text=on_text, stop_check=stop_check, between_steps=between_steps
         )
+
+    def set_parallelism(self, cores: int) -> None:
+        """Use at most `cores` cores from now on, even mid-generation (takes effect at the next
+        decode step); no reload, no second copy of the weights."""
+        self.cores.set_limit(cores)
+
+    @property
+    def parallelism(self) -> int:
+        return len(self.cores.cpu_set())
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -292,7 +292,7 @@ class Daemon:
                 state=self.state.value,
                 version=__version__,
                 model=engine.manifest.name if engine else None,
-                threads=engine.threads if engine else None,
+                threads=engine.parallelism if engine else None,
                 governor=self.decision.state,
                 temp_c=self.readings.temp_c if self.readings else None,
                 mem_available_mb=int(self._mem_available_mb()),
@@ -344,6 +344,9 @@ class Daemon:
             )
         previous = getattr(self, "decision", None)
         self.readings, self._governor_state, self.decision = readings, state, decision
+        if self.engine is not None and self.engine.parallelism != decision.threads:
+            # Instant and memory-neutral: the same session, its threads narrowed to fewer cores.
+            self.engine.set_parallelism(decision.threads)
         if previous is not None and (previous.state, previous.accept_queries) != (
             decision.state,
             decision.accept_queries,
@@ -807,7 +810,7 @@ class Daemon:
                 if t is not None and t.first_token_ms is not None
                 else None,
                 total_ms=(time.monotonic() - job.received_at) * 1000,
-                threads=engine.threads if engine else None,
+                threads=engine.parallelism if engine else None,
                 governor_state=self.decision.state,
                 disclaimer=self.config.clinical.disclaimer,
             )
