@@ -9,7 +9,8 @@ daemon is kept generating answers back to back for the whole phase (checked by s
 scheduler), which is where the vitals path must not wait behind the model.
 
     python tools/bench_alerts.py                                   # bundled test model
-    python tools/bench_alerts.py --model ~/.cache/edged/bench/qwen3-0.6b/gqa-int4-qwen3-0.6b-last-logits
+    python tools/bench_alerts.py \
+        --model ~/.cache/edged/bench/qwen3-0.6b/gqa-int4-qwen3-0.6b-last-logits
 
 Target (issue #4): p99 below 50 ms while a generation is running.
 """
@@ -56,8 +57,9 @@ def _gateway(port: int, count: int, rate: float, tag: str, out: mp.Queue) -> Non
             if len(latencies) >= count:
                 done.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-alerts-{tag}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-alerts-{tag}", protocol=mqtt.MQTTv5
+    )
     client.on_message = on_message
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -90,8 +92,9 @@ def _keep_generating(port: int, stop: threading.Event, max_tokens: int) -> int:
         with lock:
             pending.discard(json.loads(msg.payload).get("id"))
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-alerts-load",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="bench-alerts-load", protocol=mqtt.MQTTv5
+    )
     client.on_message = on_message
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -106,9 +109,18 @@ def _keep_generating(port: int, stop: threading.Event, max_tokens: int) -> int:
             n += 1
             with lock:
                 pending.add(qid)
-            client.publish(f"{PREFIX}/load/query", json.dumps(
-                {"id": qid, "text": "Explain what my heart rate variability means, in detail.",
-                 "max_tokens": max_tokens, "include_vitals": False}), qos=1)
+            client.publish(
+                f"{PREFIX}/load/query",
+                json.dumps(
+                    {
+                        "id": qid,
+                        "text": "Explain what my heart rate variability means, in detail.",
+                        "max_tokens": max_tokens,
+                        "include_vitals": False,
+                    }
+                ),
+                qos=1,
+            )
         time.sleep(0.01)
     client.loop_stop()
     client.disconnect()
@@ -123,9 +135,14 @@ def _summary(latencies: list[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
-    return {"n": len(ordered), "p50_ms": round(pct(50), 2), "p90_ms": round(pct(90), 2),
-            "p99_ms": round(pct(99), 2), "max_ms": round(ordered[-1], 2),
-            "mean_ms": round(statistics.fmean(ordered), 2)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(pct(50), 2),
+        "p90_ms": round(pct(90), 2),
+        "p99_ms": round(pct(99), 2),
+        "max_ms": round(ordered[-1], 2),
+        "mean_ms": round(statistics.fmean(ordered), 2),
+    }
 
 
 def _phase(port: int, count: int, rate: float, tag: str) -> dict[str, Any]:
@@ -148,14 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     with PrivateBroker() as broker, tempfile.TemporaryDirectory() as state:
-        config = parse_config({
-            "node_id": "bench-alerts",
-            "mqtt": {"port": broker.port},
-            "model": {"path": str(args.model), "threads": args.threads, "context_length": 1024},
-            "limits": {"max_tokens_cap": max(512, args.max_tokens)},
-            "delivery": {"state_dir": state},
-            "clinical": {"alert_cooldown_s": 0},
-        })
+        config = parse_config(
+            {
+                "node_id": "bench-alerts",
+                "mqtt": {"port": broker.port},
+                "model": {"path": str(args.model), "threads": args.threads, "context_length": 1024},
+                "limits": {"max_tokens_cap": max(512, args.max_tokens)},
+                "delivery": {"state_dir": state},
+                "clinical": {"alert_cooldown_s": 0},
+            }
+        )
         daemon = Daemon(config)
         daemon.start()
         daemon.transport.wait_connected(10)
@@ -164,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             idle = _phase(broker.port, args.count, args.rate, "idle")
             stop = threading.Event()
             busy_samples: list[bool] = []
-            loader = threading.Thread(target=_keep_generating,
-                                      args=(broker.port, stop, args.max_tokens))
+            loader = threading.Thread(
+                target=_keep_generating, args=(broker.port, stop, args.max_tokens)
+            )
             loader.start()
             deadline = time.monotonic() + 30
             while daemon.scheduler.running is None and time.monotonic() < deadline:
@@ -191,24 +211,34 @@ def main(argv: list[str] | None = None) -> int:
         "model": daemon.engine.manifest.name,
         "threads": daemon.engine.threads,
         "rate_per_s": args.rate,
-        "idle": {**_summary(idle["latencies_ms"]), "sent": idle["sent"],
-                 "received": idle["received"]},
-        "during_generation": {**_summary(busy["latencies_ms"]), "sent": busy["sent"],
-                              "received": busy["received"],
-                              "generation_running_fraction": round(busy_fraction, 3)},
+        "idle": {
+            **_summary(idle["latencies_ms"]),
+            "sent": idle["sent"],
+            "received": idle["received"],
+        },
+        "during_generation": {
+            **_summary(busy["latencies_ms"]),
+            "sent": busy["sent"],
+            "received": busy["received"],
+            "generation_running_fraction": round(busy_fraction, 3),
+        },
         "target_p99_ms": TARGET_P99_MS,
     }
     p99 = report["during_generation"].get("p99_ms", float("inf"))
     lost = busy["sent"] - busy["received"] + idle["sent"] - idle["received"]
     report["verdict"] = "PASS" if p99 < TARGET_P99_MS and lost == 0 else "FAIL"
 
-    print(f"model {report['model']}, {report['threads']} inference threads, "
-          f"{args.rate:g} alerting summaries/s, {args.count} per phase")
+    print(
+        f"model {report['model']}, {report['threads']} inference threads, "
+        f"{args.rate:g} alerting summaries/s, {args.count} per phase"
+    )
     print(f"{'phase':<22}{'n':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}  lost")
     for name, key in (("idle", "idle"), ("during generation", "during_generation")):
         r = report[key]
-        print(f"{name:<22}{r.get('n', 0):>6}{r.get('p50_ms', 0):>9.2f}{r.get('p90_ms', 0):>9.2f}"
-              f"{r.get('p99_ms', 0):>9.2f}{r.get('max_ms', 0):>9.2f}  {r['sent'] - r['received']}")
+        print(
+            f"{name:<22}{r.get('n', 0):>6}{r.get('p50_ms', 0):>9.2f}{r.get('p90_ms', 0):>9.2f}"
+            f"{r.get('p99_ms', 0):>9.2f}{r.get('max_ms', 0):>9.2f}  {r['sent'] - r['received']}"
+        )
     print(f"a generation was running {busy_fraction:.0%} of the busy phase")
     print(f"p99 during generation {p99:.2f} ms; target < {TARGET_P99_MS:g} ms: {report['verdict']}")
     if args.json:

@@ -57,8 +57,8 @@ class ThermalBands:
 # x86 box is given Intel's usual ~90 °C package limit. Per-board tuning belongs in the fleet
 # config's profiles.
 PROFILE_BANDS: dict[str, ThermalBands] = {
-    "pi4": ThermalBands(warm_c=65.0, hot_c=72.0, critical_c=78.0),
-    "pi5": ThermalBands(warm_c=67.0, hot_c=74.0, critical_c=79.0),
+    "pi4": ThermalBands(warm_c=70.0, hot_c=75.0, critical_c=78.0),
+    "pi5": ThermalBands(warm_c=71.0, hot_c=76.0, critical_c=79.0),
     "jetson-orin-nano": ThermalBands(warm_c=80.0, hot_c=88.0, critical_c=95.0),
     "generic": ThermalBands(warm_c=75.0, hot_c=83.0, critical_c=90.0),
 }
@@ -90,10 +90,12 @@ class GovernorPolicy:
             max_threads=max_threads,
             settings={
                 "nominal": StateSettings(threads=None, pause_ms=0.0, max_new_tokens=None),
-                "warm": StateSettings(
-                    threads=max(1, max_threads - 1), pause_ms=20.0, max_new_tokens=None
+                # Warm: every core, but a duty cycle; the board sheds heat between steps.
+                "warm": StateSettings(threads=None, pause_ms=8.0, max_new_tokens=None),
+                # Hot: half the cores, a longer pause and shorter answers.
+                "hot": StateSettings(
+                    threads=max(1, max_threads // 2), pause_ms=30.0, max_new_tokens=128
                 ),
-                "hot": StateSettings(threads=1, pause_ms=150.0, max_new_tokens=128),
                 "critical": StateSettings(threads=1, pause_ms=0.0, max_new_tokens=0),
             },
         )
