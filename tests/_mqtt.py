@@ -152,6 +152,28 @@ class TestClient:
         self._client.disconnect()
 
 
+def mosquitto_pub(port: int, topic: str, payload: Any, *extra: str) -> None:
+    """Publish at QoS 1 with the real `mosquitto_pub` CLI, as a third-party gateway would."""
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            *extra,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            payload if isinstance(payload, str) else json.dumps(payload),
+        ],
+        check=True,
+        timeout=10,
+    )
+
+
 def reply_to(query_id: str) -> Callable[[Received], bool]:
     """Matches the final reply (advice or error) of a query, not stream chunks."""
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
-from tests._mqtt import TestClient, reply_to
+from tests._mqtt import TestClient, mosquitto_pub, reply_to
 
 P = "edged/v1"
 HIGH_RISK = {
@@ -35,23 +33,7 @@ def test_low_spo2_and_fast_breathing_raise_a_high_alert_within_a_second(
 ) -> None:
     start_daemon()
     sent = time.monotonic()
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(broker.port),
-            "-q",
-            "1",
-            "-t",
-            f"{P}/w-sick/vitals",
-            "-m",
-            json.dumps(_vitals(spo2=85, resp_rate=26)),
-        ],
-        check=True,
-        timeout=10,
-    )
+    mosquitto_pub(broker.port, f"{P}/w-sick/vitals", _vitals(spo2=85, resp_rate=26))
     alert = gateway.wait_for(lambda r: r.topic == f"{P}/w-sick/alert", timeout=5)
     assert time.monotonic() - sent < 1.0
     body = alert.json()
@@ -66,31 +48,17 @@ def test_a_normal_summary_raises_no_alert(
     broker: PrivateBroker, start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     daemon = start_daemon()
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(broker.port),
-            "-q",
-            "1",
-            "-t",
-            f"{P}/w-well/vitals",
-            "-m",
-            json.dumps(
-                _vitals(
-                    heart_rate=70,
-                    spo2=98,
-                    resp_rate=14,
-                    temp_c=36.8,
-                    systolic_bp=120,
-                    consciousness="alert",
-                )
-            ),
-        ],
-        check=True,
-        timeout=10,
+    mosquitto_pub(
+        broker.port,
+        f"{P}/w-well/vitals",
+        _vitals(
+            heart_rate=70,
+            spo2=98,
+            resp_rate=14,
+            temp_c=36.8,
+            systolic_bp=120,
+            consciousness="alert",
+        ),
     )
     assert not [r for r in gateway.drain(1.0) if r.topic.endswith("/alert")]
     assert daemon.counters.vitals == 1

@@ -14,7 +14,7 @@ import pytest
 
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
-from tests._mqtt import DaemonProcess, Received, TestClient, daemon_config, reply_to
+from tests._mqtt import DaemonProcess, Received, TestClient, daemon_config, mosquitto_pub, reply_to
 
 P = "edged/v1"
 
@@ -128,25 +128,7 @@ def test_mosquitto_pub_and_sub_round_trip(broker: PrivateBroker, daemon: Daemon)
         text=True,
     )
     time.sleep(0.3)
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-V",
-            "mqttv5",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(broker.port),
-            "-q",
-            "1",
-            "-t",
-            f"{P}/w3/query",
-            "-m",
-            json.dumps(_query("q-pub")),
-        ],
-        check=True,
-        timeout=10,
-    )
+    mosquitto_pub(broker.port, f"{P}/w3/query", _query("q-pub"), "-V", "mqttv5")
     out, _ = sub.communicate(timeout=30)
     assert json.loads(out)["id"] == "q-pub"
 
