@@ -159,6 +159,7 @@ class Daemon:
         self._worker = threading.Thread(target=self._work_loop, name="edged-worker", daemon=True)
         self._status = threading.Thread(target=self._status_loop, name="edged-status", daemon=True)
         self.readings: Readings | None = None
+        self._cached_policy: GovernorPolicy | None = None
         self._governor_state: GovernorState | None = None
         self.decision = self._governor_tick(publish=False)
         self._governor = threading.Thread(
@@ -265,6 +266,7 @@ class Daemon:
         effective = EdgedConfig.model_validate(data)
         old_prompt = self.config.model.system_prompt
         self.config = effective
+        self._cached_policy = None
         clinical = effective.clinical
         self.vitals.window_s = clinical.window_s
         self.vitals.max_wearers = clinical.max_wearers
@@ -311,6 +313,13 @@ class Daemon:
 
     # -- governor --------------------------------------------------------------------------
 
+    def _policy(self) -> GovernorPolicy:
+        """The governor policy, built once (board detection reads files) and again after a
+        reload, since governor keys are live."""
+        if self._cached_policy is None:
+            self._cached_policy = self._governor_policy()
+        return self._cached_policy
+
     def _governor_policy(self) -> GovernorPolicy:
         g = self.config.governor
         profile = detect_board(g.sensor_root) if g.profile == "auto" else g.profile
@@ -326,7 +335,7 @@ class Daemon:
         if not g.enabled:
             readings = None
             decision, state = decide(
-                None, GovernorInput(temp_c=None), self._governor_policy(), time.monotonic()
+                None, GovernorInput(temp_c=None), self._policy(), time.monotonic()
             )
         else:
             readings = read_all(g.sensor_root)
@@ -340,7 +349,7 @@ class Daemon:
                 mem_headroom_mb=readings.mem_headroom_mb,
             )
             decision, state = decide(
-                self._governor_state, reading, self._governor_policy(), time.monotonic()
+                self._governor_state, reading, self._policy(), time.monotonic()
             )
         previous = getattr(self, "decision", None)
         self.readings, self._governor_state, self.decision = readings, state, decision
