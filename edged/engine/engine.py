@@ -132,7 +132,11 @@ class Engine:
                 )
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelDirError(f"{graph}: onnxruntime cannot load the graph: {exc}") from exc
+            # The installed version is the first thing to check when a graph will not load: an
+            # export from a newer toolchain uses operator attributes older runtimes reject.
+            raise ModelDirError(
+                f"{graph}: onnxruntime {ort.__version__} cannot load the graph: {exc}"
+            ) from exc
         layout = inspect_graph(session, manifest, model_dir)
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
         engine.cores = CoreLimiter.for_this_process(pool)

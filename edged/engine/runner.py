@@ -98,8 +98,11 @@ class GrowingKVRunner(_RunnerBase):
         return self._last_logits(outputs[0])
 
     def snapshot(self) -> KVSnapshot:
-        # onnxruntime never writes into inputs, so the present OrtValues can be shared as is.
-        return KVSnapshot(self.length, tuple(self._past))
+        # A copy, not the present OrtValues themselves: before onnxruntime 1.23 the values that
+        # IOBinding.get_outputs() returns are the binding's own output slots, which the next run
+        # replaces, so a shared snapshot silently became a later, longer cache. Taken once per
+        # system prompt, the copy costs nothing per request.
+        return KVSnapshot(self.length, tuple(_ortvalue(value.numpy()) for value in self._past))
 
     def restore(self, snapshot: KVSnapshot) -> None:
         self.length = snapshot.length
