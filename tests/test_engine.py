@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from packaging.version import Version
 
 from edged.engine import (
     ContextFullError,
@@ -28,6 +29,13 @@ SYSTEM = "You are a careful medical assistant. Answer briefly and say when to se
 QUESTION = "My heart rate is 118 at rest and my SpO2 is 93%. Should I worry?"
 # Random weights stop at EOS at random points; ignoring EOS makes token counts predictable.
 LONG = GenerationConfig(max_new_tokens=40, ignore_eos=True)
+# The GQA fixture (onnxruntime-genai's builder) uses GatherBlockQuantized's `bits` attribute,
+# which onnxruntime < 1.23 rejects; pyproject pins >= 1.23. Older releases are only ever installed
+# on purpose, by `tools/arm64_check.sh --onnxruntime X` probing a release on an emulated CPU.
+needs_gqa_runtime = pytest.mark.skipif(
+    Version(ort.__version__) < Version("1.23"),
+    reason=f"the GQA graph needs onnxruntime >= 1.23, not {ort.__version__}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,7 @@ def _messages(system: str = SYSTEM, question: str = QUESTION) -> list[dict[str, 
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
+@pytest.mark.arm64
 def test_quantized_model_loads_and_generates(engine: Engine) -> None:
     assert engine.manifest.quantization.method == "int4"
     result = engine.chat(_messages(), LONG)
@@ -52,6 +61,7 @@ def test_greedy_generation_is_deterministic(engine: Engine) -> None:
     assert engine.chat(_messages(), LONG).token_ids == engine.chat(_messages(), LONG).token_ids
 
 
+@pytest.mark.arm64
 def test_streamed_deltas_concatenate_to_final_text(engine: Engine) -> None:
     deltas: list[str] = []
     streamed = engine.chat(_messages(), LONG, on_text=deltas.append)
@@ -159,6 +169,7 @@ def test_cancel_before_prefill_does_no_work(engine: Engine) -> None:
     assert result.finish_reason == "deadline" and result.completion_tokens == 0
 
 
+@pytest.mark.arm64
 def test_prefix_cache_gives_identical_tokens(engine: Engine) -> None:
     cold = engine.chat(_messages(), LONG)
     cached_tokens = engine.set_system_prompt(SYSTEM)
@@ -214,6 +225,7 @@ def test_one_generation_at_a_time(engine: Engine) -> None:
     assert len(results) == 3 and len(set(results)) == 1
 
 
+@pytest.mark.arm64
 def test_tampered_model_file_is_refused(tmp_path: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(INT4, model)
@@ -273,7 +285,8 @@ def test_bad_model_directory_errors_name_the_problem(
         Engine.load(model)
 
 
-@pytest.mark.skipif(not GQA.is_dir(), reason="GQA fixture not built")
+@pytest.mark.arm64
+@needs_gqa_runtime
 def test_group_query_attention_layout_runs_with_shared_kv_buffer() -> None:
     gqa = Engine.load(GQA, EngineOptions(threads=2, context_length=256))
     assert gqa.layout.kind == "gqa" and gqa.layout.shared_kv_buffer
@@ -290,7 +303,11 @@ def test_group_query_attention_layout_runs_with_shared_kv_buffer() -> None:
     assert second.token_ids == result.token_ids
 
 
-@pytest.mark.parametrize("model", [INT4, GQA], ids=["optimum", "gqa"])
+@pytest.mark.arm64
+@pytest.mark.parametrize(
+    "model",
+    [pytest.param(INT4, id="optimum"), pytest.param(GQA, id="gqa", marks=needs_gqa_runtime)],
+)
 def test_runner_matches_a_plain_reference_loop(model: Path) -> None:
     """The IO-bound runners (growing or shared in-place KV) must compute exactly what a plain
     session.run loop with numpy past tensors computes on the same graph."""
@@ -336,6 +353,7 @@ def _rss_mb() -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.arm64
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
 def test_parallelism_changes_mid_generation_without_reload_or_new_tokens() -> None:
     engine = Engine.load(INT4, EngineOptions(threads=2, context_length=256))
