@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= tests/fixtures/tiny-qwen3-int4
 
-.PHONY: demo ask test lint bench install install-dev clean
+.PHONY: demo ask test arm64-check lint bench install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ ask: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q
+
+# The ARM subset under emulated Pi 4 (Cortex-A72) and Pi 5 (Cortex-A76) CPUs; needs root. CI runs
+# it after `make test` (.ci/run).
+arm64-check:
+	tools/arm64_check.sh
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check edged tools tests

@@ -98,6 +98,7 @@ def test_alert_is_not_held_behind_a_running_generation(
     assert not [r for r in gateway.seen if reply_to("slow")(r)], "generation still running"
 
 
+@pytest.mark.arm64
 def test_query_from_a_high_risk_wearer_gets_triage_and_escalation(
     start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:

@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Config validation through the real CLI: part of the ARM subset (tools/arm64_check.sh).
+pytestmark = pytest.mark.arm64
+
 
 def _check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -54,6 +54,7 @@ ADVICE_FIELDS = {
 # -- request / response --------------------------------------------------------------------
 
 
+@pytest.mark.arm64
 def test_query_answered_via_response_topic_with_mosquitto_rr(
     broker: PrivateBroker, daemon: Daemon
 ) -> None:
@@ -157,6 +158,7 @@ def test_streaming_chunks_arrive_in_order_and_concatenate_to_the_advice(
 # -- errors ---------------------------------------------------------------------------------
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize(
     ("payload", "code", "field"),
     [
@@ -403,6 +405,7 @@ def test_sigkill_makes_the_last_will_publish_offline(broker: PrivateBroker, tmp_
         watcher.close()
 
 
+@pytest.mark.arm64
 def test_query_answered_after_daemon_killed_mid_generation(
     broker: PrivateBroker, tmp_path: Path
 ) -> None:

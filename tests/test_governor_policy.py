@@ -14,6 +14,9 @@ from edged.governor.policy import (
     next_state,
 )
 
+# Pure functions, cheap under emulation: part of the ARM subset (tools/arm64_check.sh).
+pytestmark = pytest.mark.arm64
+
 BANDS = ThermalBands(warm_c=70.0, hot_c=78.0, critical_c=85.0, hysteresis_c=3.0, dwell_s=10.0)
 POLICY = GovernorPolicy.for_profile("generic", max_threads=4)
 POLICY = GovernorPolicy(bands=BANDS, max_threads=4, settings=POLICY.settings)

@@ -31,6 +31,9 @@ from edged.clinical.news2 import (
     score_temp_c,
 )
 
+# Pure Python and cheap under emulation: part of the ARM subset (tools/arm64_check.sh).
+pytestmark = pytest.mark.arm64
+
 # A set of observations scoring 0 everywhere (RCP NEWS2 2017, chart 1), on air.
 NORMAL = News2Input(
     resp_rate=(16,),
