@@ -94,6 +94,29 @@ def test_env_placeholders_fill_secrets_and_a_missing_one_is_an_error(tmp_path: P
         resolve(path, environ={})
 
 
+def test_tool_variables_are_not_config_but_a_misspelt_section_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """EDGED_ARM64_CACHE or EDGED_GENAI_VENV in a CI job's environment must not stop the daemon;
+    a typo in an EDGED_<SECTION>__<KEY> variable must not pass silently."""
+    path = tmp_path / "edged.yaml"
+    path.write_text("model: {path: m}\n")
+    resolved = resolve(
+        path,
+        environ={
+            "EDGED_ARM64_CACHE": "/var/cache/arm64",
+            "EDGED_GENAI_VENV": "/opt/genai",
+            "EDGED_NODE_ID": "ward-7",
+            "EDGED_LOG_LEVEL": "debug",
+            "EDGED_PROFILE": "pi4",
+        },
+    )
+    assert resolved.config.node_id == "ward-7" and resolved.origins["node_id"] == "env"
+    assert resolved.config.log_level == "debug" and resolved.profile == "pi4"
+    with pytest.raises(ConfigError, match="mqqt: unknown key"):
+        resolve(path, environ={"EDGED_MQQT__HOST": "broker"})
+
+
 def test_unknown_profile_and_unknown_fleet_keys_are_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="profile 'pi9' is not one of"):
         resolve(FLEET, flags=["profile=pi9"], environ={})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from edged.config.loader import ConfigError, parse_config, read_yaml
 from edged.config.models import EdgedConfig
@@ -75,13 +76,28 @@ def _merge(
             origins[dotted] = origin
 
 
+# The top-level keys an EDGED_ variable without "__" may set (EDGED_NODE_ID, EDGED_PROFILE).
+# Any other such variable belongs to a tool (EDGED_GENAI_VENV, EDGED_ARM64_CACHE) and is not
+# config. A variable with "__" is always config, so a misspelt section is an error, not ignored.
+_ENV_TOP_LEVEL = frozenset(
+    {"profile"}
+    | {
+        name
+        for name, field in EdgedConfig.model_fields.items()
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    }
+)
+
+
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     """EDGED_MQTT__HOST=b -> {"mqtt": {"host": "b"}}; values are YAML scalars ("2" is 2)."""
     layer: dict[str, Any] = {}
     for name, raw in sorted(environ.items()):
-        if not name.startswith("EDGED_") or name.startswith("EDGED_GENAI"):
+        if not name.startswith("EDGED_"):
             continue
         path = [p.lower() for p in name[len("EDGED_") :].split("__")]
+        if len(path) == 1 and path[0] not in _ENV_TOP_LEVEL:
+            continue
         try:
             value = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
