@@ -231,6 +231,7 @@ run_cpu() {
 in_namespace() {
   local cpu=$1 stage=$2
   shift 2
+  ulimit -c 0   # a SIGILL under qemu would otherwise leave a core file in the root filesystem
   mount_guest "$cpu"
   case $stage in
     smoke)
