@@ -211,6 +211,24 @@ def test_context_overflow_is_a_clear_error(engine: Engine) -> None:
     assert result.finish_reason == "length" and result.completion_tokens == 12
 
 
+def test_max_context_caps_prompt_plus_answer_below_context_length(engine: Engine) -> None:
+    """The governor's memory cap: the answer stops at the cap, a prompt at or over it is refused
+    as `capped` (the same prompt fits once the cap is lifted), and a cap above context_length
+    is no cap."""
+    prompt = list(engine.tokenizer.encode("heart rate " * 100))[:100]
+    capped = engine.generate(prompt, GenerationConfig(100, ignore_eos=True, max_context=107))
+    assert capped.finish_reason == "length" and capped.completion_tokens == 7
+    with pytest.raises(ContextFullError, match="memory cap of 100 tokens") as refused:
+        engine.generate(prompt, GenerationConfig(100, ignore_eos=True, max_context=100))
+    assert refused.value.capped
+    uncapped = engine.generate(prompt, GenerationConfig(20, ignore_eos=True, max_context=10_000))
+    assert uncapped.completion_tokens == 20
+    assert uncapped.token_ids[:7] == capped.token_ids
+    with pytest.raises(ContextFullError, match="context_length = 512") as full:
+        engine.generate(prompt * 6, GenerationConfig(10, max_context=10_000))
+    assert not full.value.capped
+
+
 def test_one_generation_at_a_time(engine: Engine) -> None:
     ids = engine.render_chat(_messages())
     results: list[tuple[int, ...]] = []

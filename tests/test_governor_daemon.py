@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from edged.config.models import EdgedConfig
 from edged.service.daemon import Daemon
 from tests._mqtt import P, TestClient, reply_to
 
@@ -102,3 +103,49 @@ def test_low_memory_headroom_answers_busy(
     busy = _ask(gateway, "squeezed")
     assert busy["code"] == "busy" and busy["retry_after_ms"] > 0
     assert "memory headroom" in busy["message"]
+
+
+def _set_shrunk_context(daemon: Daemon, tokens: int) -> None:
+    """What a SIGHUP with a changed governor.shrunk_context does (governor keys are live)."""
+    data = daemon.config.model_dump()
+    data["governor"]["shrunk_context"] = tokens
+    daemon.apply_config(EdgedConfig.model_validate(data))
+
+
+def test_tight_memory_caps_the_context_and_a_refused_query_can_be_retried(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    root = _board(tmp_path, 45.0)
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("0::/edged\n")
+    group = root / "sys/fs/cgroup/edged"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text(f"{2048 * 2**20}\n")
+    (group / "memory.current").write_text(f"{100 * 2**20}\n")
+    daemon = start_daemon(
+        governor={"sensor_root": str(root), "profile": "generic", "interval_s": 0.1},
+        model={"threads": 2},
+    )
+    roomy = _ask(gateway, "roomy")
+    assert roomy["usage"]["completion_tokens"] == 16
+    prompt_tokens = roomy["usage"]["prompt_tokens"]
+
+    # 400 MB headroom: above min_headroom_mb (256), below shrink_context_below_mb (512).
+    (group / "memory.current").write_text(f"{1648 * 2**20}\n")
+    _set_shrunk_context(daemon, prompt_tokens + 5)
+    time.sleep(0.5)
+    short = _ask(gateway, "short")
+    assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 5
+
+    assert prompt_tokens > 64
+    _set_shrunk_context(daemon, 64)  # below the prompt
+    time.sleep(0.5)
+    busy = _ask(gateway, "retry-me")
+    assert busy["code"] == "busy" and busy["retry_after_ms"] > 0
+    assert "memory cap of 64 tokens" in busy["message"]
+
+    # Memory frees up: the same id is answered for real, not with a stored `busy`.
+    (group / "memory.current").write_text(f"{100 * 2**20}\n")
+    time.sleep(0.5)
+    answer = _ask(gateway, "retry-me")
+    assert answer["usage"]["completion_tokens"] == 16

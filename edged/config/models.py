@@ -179,6 +179,17 @@ class GovernorConfig(Section):
         le=10000,
         description="pause between decode steps (duty cycle); the governor will adjust it",
     )
+    min_headroom_mb: float = Field(
+        256.0, ge=0, description="below this much free memory, queries are answered busy"
+    )
+    shrink_context_below_mb: float = Field(
+        512.0,
+        ge=0,
+        description="below this much free memory, prompt + answer are capped at shrunk_context",
+    )
+    shrunk_context: int = Field(
+        512, ge=64, description="the context cap (tokens) while memory is tight"
+    )
 
 
 def _default_flag_severities() -> dict[str, Severity]:

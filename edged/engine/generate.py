@@ -40,10 +40,16 @@ class GenerationConfig:
     reasoning_budget: int | None = None
     """Tokens a thinking model may spend inside <think>…</think> before the block is closed
     for it and it must answer; None = unlimited, 0 = close the block at once."""
+    max_context: int | None = None
+    """Prompt plus answer may not exceed this many tokens, below the engine's context_length:
+    the governor's cap while memory is tight (a growing KV cache then stays small).
+    None = context_length."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens = {self.max_new_tokens} must be >= 1")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context = {self.max_context} must be >= 2")
         if self.reasoning_budget is not None and self.reasoning_budget < 0:
             raise ValueError(f"reasoning_budget = {self.reasoning_budget} must be >= 0")
         _ = self.sampling  # constructing SamplingParams validates the sampling fields
@@ -150,10 +156,17 @@ def run_generation(
     ):
         runner.restore(prefix.kv)
         cached = len(prefix.token_ids)
-    if len(prompt) >= runner.capacity:
+    capped = config.max_context is not None and config.max_context < runner.capacity
+    limit = config.max_context if capped and config.max_context else runner.capacity
+    if len(prompt) >= limit:
+        where = (
+            f"the memory cap of {limit} tokens (context_length {runner.capacity})"
+            if capped
+            else f"context_length = {limit}"
+        )
         raise ContextFullError(
-            f"prompt of {len(prompt)} tokens leaves no room to answer within context_length = "
-            f"{runner.capacity}"
+            f"prompt of {len(prompt)} tokens leaves no room to answer within {where}",
+            capped=capped,
         )
 
     reason = stop_check() if stop_check else None
@@ -172,7 +185,7 @@ def run_generation(
     answer = _AnswerStream(tokenizer, config.stop, on_text)
     reasoning_ids: list[int] = []
     generated: list[int] = []
-    max_new = min(config.max_new_tokens, runner.capacity - len(prompt))
+    max_new = min(config.max_new_tokens, limit - len(prompt))
     finish = "length"
     first_token_at: float | None = None
 

@@ -20,6 +20,12 @@ from edged.engine.graph import GraphLayout
 class ContextFullError(Exception):
     """The KV cache cannot hold more tokens."""
 
+    def __init__(self, message: str, *, capped: bool = False) -> None:
+        super().__init__(message)
+        self.capped = capped
+        """The limit was a per-request cap (GenerationConfig.max_context), not context_length:
+        the same prompt may fit later."""
+
 
 @dataclass(frozen=True)
 class KVSnapshot:

@@ -327,7 +327,14 @@ class Daemon:
         threads = self.engine.threads if self.engine else 1
         policy = GovernorPolicy.for_profile(profile, max_threads=threads)
         bands = type(base)(base.warm_c, base.hot_c, base.critical_c, g.hysteresis_c, g.dwell_s)
-        return GovernorPolicy(bands=bands, max_threads=threads, settings=policy.settings)
+        return GovernorPolicy(
+            bands=bands,
+            max_threads=threads,
+            settings=policy.settings,
+            min_headroom_mb=g.min_headroom_mb,
+            shrink_context_below_mb=g.shrink_context_below_mb,
+            shrunk_context=g.shrunk_context,
+        )
 
     def _governor_tick(self, publish: bool = True) -> GovernorDecision:
         """Read the sensors, decide, and log and publish a change of state."""
@@ -719,6 +726,8 @@ class Daemon:
             top_p=m.top_p,
             repetition_penalty=m.repetition_penalty,
             reasoning_budget=m.reasoning_budget,
+            # Tight memory: a shorter context keeps a growing KV cache small.
+            max_context=self.decision.context_cap,
         )
         streamer = None
         if query.stream:
@@ -764,6 +773,25 @@ class Daemon:
                 between_steps=between_steps,
             )
         except ContextFullError as exc:
+            if exc.capped:
+                # Only the governor's memory cap is in the way, and nothing was generated: like a
+                # full queue, `busy` is not stored as the query's answer, so a retry of the same
+                # id is served once memory allows.
+                with self._lock:
+                    self.scheduler.finish(job)
+                    acks = list(job.acks)
+                self._send_error(
+                    work.route.topic,
+                    ProtocolError(
+                        ErrorCode.BUSY,
+                        f"{exc} while memory is tight; retry later",
+                        id=job.query_id,
+                        retry_after_ms=int(self.config.governor.interval_s * 2000),
+                    ),
+                    work.route.correlation,
+                    acks,
+                )
+                return
             self._final_error(
                 job, ProtocolError(ErrorCode.TOO_LARGE, str(exc), field="text", id=job.query_id)
             )
