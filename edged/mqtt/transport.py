@@ -282,6 +282,17 @@ class MqttTransport:
                 )
             else:
                 self._client.connect(cfg.host, cfg.port, cfg.keepalive_s)
+        except ssl.SSLCertVerificationError as exc:
+            # A configuration problem, not a network blip: say which settings to look at.
+            log.error(
+                "broker %s:%d: TLS certificate check failed: %s (trusted CA: mqtt.tls.ca_file = "
+                "%s; mqtt.host must be a name in the broker's certificate)",
+                cfg.host,
+                cfg.port,
+                exc.verify_message or exc,
+                cfg.tls.ca_file if cfg.tls else None,
+            )
+            return False
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.warning("cannot connect to broker %s:%d: %s", cfg.host, cfg.port, exc)
             return False

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,8 +42,16 @@ def free_port() -> int:
 
 
 class PrivateBroker:
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        extra_config: Sequence[str] = (),
+    ) -> None:
+        """`extra_config`: mosquitto.conf lines appended after the defaults, e.g. a second
+        listener with TLS."""
         self.port = port or free_port()
+        self.extra_config = list(extra_config)
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edged-broker-"))
         self.binary = find_mosquitto()
@@ -69,6 +78,7 @@ class PrivateBroker:
             # mosquitto drops privileges to `mosquitto` when started as root, and then cannot
             # write its persistence file in our directory.
             lines.append("user root")
+        lines += self.extra_config
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> None:
