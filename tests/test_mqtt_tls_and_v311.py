@@ -122,6 +122,26 @@ def _start(port: int, state: Path, **mqtt: Any) -> Daemon:
     return daemon
 
 
+def _answers_over(port: int, state: Path, gateway_port: int, qid: str, tls: dict[str, str]) -> None:
+    """A daemon with these TLS settings connects and answers a query from a plain gateway."""
+    gateway = TestClient(gateway_port, [f"{P}/w1/#"])
+    daemon = _start(port, state, tls=tls)
+    try:
+        assert daemon.transport.wait_connected(10)
+        assert _answered(gateway, qid)["finish_reason"] in ("stop", "length")
+    finally:
+        daemon.stop()
+        gateway.close()
+
+
+def _never_connects(port: int, state: Path, tls: dict[str, str]) -> None:
+    daemon = _start(port, state, tls=tls)
+    try:
+        assert not daemon.transport.wait_connected(3)
+    finally:
+        daemon.stop()
+
+
 def _answered(gateway: TestClient, qid: str) -> dict[str, Any]:
     gateway.publish(f"{P}/w1/query", {"id": qid, "text": "Is 118 at rest high?", "max_tokens": 8})
     reply: dict[str, Any] = gateway.wait_for(reply_to(qid)).json()
@@ -131,48 +151,26 @@ def _answered(gateway: TestClient, qid: str) -> dict[str, Any]:
 def test_daemon_verifies_the_broker_certificate_and_answers_over_tls(
     tls_broker: TlsBroker, pki: Pki, tmp_path: Path
 ) -> None:
-    gateway = TestClient(tls_broker.broker.port, [f"{P}/w1/#"])
-    daemon = _start(tls_broker.tls_port, tmp_path / "state", tls={"ca_file": str(pki.ca)})
-    try:
-        assert daemon.transport.wait_connected(10)
-        assert _answered(gateway, "over-tls")["finish_reason"] in ("stop", "length")
-    finally:
-        daemon.stop()
-        gateway.close()
+    tls = {"ca_file": str(pki.ca)}
+    _answers_over(tls_broker.tls_port, tmp_path / "state", tls_broker.broker.port, "tls", tls)
 
 
 def test_mutual_tls_needs_the_client_certificate(
     tls_broker: TlsBroker, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="edged.mqtt.transport")
-    anonymous = _start(tls_broker.mtls_port, tmp_path / "s1", tls={"ca_file": str(pki.ca)})
-    try:
-        assert not anonymous.transport.wait_connected(3)
-    finally:
-        anonymous.stop()
+    _never_connects(tls_broker.mtls_port, tmp_path / "s1", {"ca_file": str(pki.ca)})
     assert "TLS client certificate rejected?" in caplog.text
-
-    gateway = TestClient(tls_broker.broker.port, [f"{P}/w1/#"])
     tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert)}
     tls["key_file"] = str(pki.client_key)
-    daemon = _start(tls_broker.mtls_port, tmp_path / "s2", tls=tls)
-    try:
-        assert daemon.transport.wait_connected(10)
-        assert _answered(gateway, "over-mtls")["finish_reason"] in ("stop", "length")
-    finally:
-        daemon.stop()
-        gateway.close()
+    _answers_over(tls_broker.mtls_port, tmp_path / "s2", tls_broker.broker.port, "mtls", tls)
 
 
 def test_a_broker_certificate_from_an_untrusted_ca_is_refused_and_logged(
     tls_broker: TlsBroker, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="edged.mqtt.transport")
-    daemon = _start(tls_broker.tls_port, tmp_path / "state", tls={"ca_file": str(pki.other_ca)})
-    try:
-        assert not daemon.transport.wait_connected(3)
-    finally:
-        daemon.stop()
+    _never_connects(tls_broker.tls_port, tmp_path / "state", {"ca_file": str(pki.other_ca)})
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and "TLS certificate check failed" in errors[0]
     assert "self-signed certificate in certificate chain" in errors[0]
