@@ -3,9 +3,12 @@ kernel's formats (this machine has neither), against a real mosquitto."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from edged.config.models import EdgedConfig
 from edged.service.daemon import Daemon
@@ -149,3 +152,24 @@ def test_tight_memory_caps_the_context_and_a_refused_query_can_be_retried(
     time.sleep(0.5)
     answer = _ask(gateway, "retry-me")
     assert answer["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_a_hot_big_little_board_keeps_inference_on_its_big_core(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    root = _board(tmp_path, 85.0)  # generic: hot from 83 °C, so half the cores: one
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    little, big = cpus
+    for cpu, capacity in ((little, 446), (big, 1024)):
+        path = root / f"sys/devices/system/cpu/cpu{cpu}/cpu_capacity"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{capacity}\n")
+    daemon = _governed(start_daemon, root)
+    assert daemon.engine is not None and daemon.engine.parallelism == 1
+    # Without the capacities the first allowed core (the little one) would be kept.
+    assert daemon.engine.cores.cpu_set() == {big}
+    assert daemon.engine.cores.pool_threads
+    for tid in daemon.engine.cores.pool_threads:
+        assert os.sched_getaffinity(tid) == {big}
+    assert _ask(gateway, "on-big")["governor"] == {"state": "hot", "threads": 1}

@@ -12,6 +12,7 @@ from edged.governor.policy import (
     ThermalBands,
     decide,
     next_state,
+    preferred_cores,
 )
 
 # Pure functions, cheap under emulation: part of the ARM subset (tools/arm64_check.sh).
@@ -117,3 +118,12 @@ def test_profile_bands_rise_and_stay_below_firmware_throttling() -> None:
 def test_bands_that_do_not_rise_are_refused() -> None:
     with pytest.raises(ValueError, match="thermal bands must rise"):
         ThermalBands(warm_c=80, hot_c=70, critical_c=90)
+
+
+def test_preferred_cores_put_big_cores_first_and_config_wins() -> None:
+    rk3588 = {c: 414 for c in range(4)} | {c: 1024 for c in range(4, 8)}
+    assert preferred_cores([], rk3588) == (4, 5, 6, 7, 0, 1, 2, 3)
+    # Every Pi and Jetson: one core type, no preference; nor without capacities (x86).
+    assert preferred_cores([], {c: 1024 for c in range(4)}) == ()
+    assert preferred_cores([], {}) == ()
+    assert preferred_cores([6, 7], rk3588) == (6, 7)

@@ -15,6 +15,7 @@ from edged.governor.sensors import (
     ThrottleFlags,
     read_all,
     read_cgroup_memory,
+    read_core_capacities,
     read_cpus,
     read_meminfo,
     read_thermal,
@@ -253,3 +254,21 @@ def test_real_machine_readings_do_not_raise() -> None:
     assert isinstance(r, Readings)
     assert r.cpus >= 1
     assert time.monotonic() - started < 1.0
+
+
+def test_core_capacities_of_a_big_little_board_and_of_boards_without_them(tmp_path: Path) -> None:
+    # RK3588 (Rock 5B, Orange Pi 5): cpu0-3 Cortex-A55 at 414, cpu4-7 Cortex-A76 at 1024; cpu8
+    # is offline-style junk and cpufreq is not a CPU.
+    rk = tmp_path / "rk3588"
+    for cpu in range(8):
+        write(rk, f"sys/devices/system/cpu/cpu{cpu}/cpu_capacity", "414\n" if cpu < 4 else "1024\n")
+    write(rk, "sys/devices/system/cpu/cpu8/cpu_capacity", "garbage\n")
+    write(rk, "sys/devices/system/cpu/cpufreq/policy0/scaling_cur_freq", "1800000\n")
+    assert read_core_capacities(rk) == {0: 414, 1: 414, 2: 414, 3: 414} | {
+        c: 1024 for c in range(4, 8)
+    }
+    # x86 and older kernels have no cpu_capacity files: no preference, not an error.
+    x86 = tmp_path / "x86"
+    write(x86, "sys/devices/system/cpu/cpu0/online", "1\n")
+    assert read_core_capacities(x86) == {}
+    assert read_core_capacities(tmp_path / "missing") == {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,6 +85,11 @@ class MqttConfig(Section):
 class ModelConfig(Section):
     path: Path = Field(..., description="edged model directory (see `edged model export`)")
     threads: int = Field(0, ge=0, le=64, description="inference threads; 0 = every usable core")
+    prefer_cores: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+        default_factory=list,
+        description="CPUs inference takes first when it uses fewer than all (a big.LITTLE "
+        "board's big cores); empty = fastest first by the kernel's cpu_capacity",
+    )
     context_length: int = Field(
         2048, ge=64, le=131072, description="KV cache size in tokens (prompt + answer)"
     )

@@ -58,6 +58,9 @@ class EngineOptions:
     spin: bool | None = None
     """Let idle worker threads spin; None = only when threads use every core, since spinning
     steals the cycles other processes (the MQTT thread, the broker) need."""
+    preferred_cores: tuple[int, ...] = ()
+    """Cores taken first when inference is narrowed to fewer than all (big cores first on a
+    big.LITTLE board); the rest follow in order."""
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -139,7 +142,7 @@ class Engine:
             ) from exc
         layout = inspect_graph(session, manifest, model_dir)
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
-        engine.cores = CoreLimiter.for_this_process(pool)
+        engine.cores = CoreLimiter.for_this_process(pool, options.preferred_cores)
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
             manifest.name,

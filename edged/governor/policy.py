@@ -14,6 +14,7 @@ Not wired into the daemon yet (issue #6): the sensors exist (`sensors.py`), the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 STATES = ("nominal", "warm", "hot", "critical")
@@ -179,3 +180,15 @@ def decide(
         ),
         state,
     )
+
+
+def preferred_cores(configured: Sequence[int], capacities: Mapping[int, int]) -> tuple[int, ...]:
+    """The order in which inference takes cores when it uses fewer than all of them: the
+    configured list (model.prefer_cores) if any, else the fastest first by the kernel's
+    cpu_capacity, so that on a big.LITTLE board narrowing keeps the big cores. Equal
+    capacities (every Pi and Jetson) give no preference: ()."""
+    if configured:
+        return tuple(configured)
+    if len(set(capacities.values())) < 2:
+        return ()
+    return tuple(sorted(capacities, key=lambda cpu: (-capacities[cpu], cpu)))

@@ -483,6 +483,18 @@ def read_cpus(root: Path) -> int:
     return max(1, count)
 
 
+def read_core_capacities(root: Path) -> dict[int, int]:
+    """Each CPU's relative capacity from `cpu/cpuN/cpu_capacity` (ARM kernels; the biggest core
+    is 1024), or {} where the kernel does not say (x86, older kernels). On a big.LITTLE SoC
+    such as the RK3588 the big cores read 1024 and the little ones about 400."""
+    capacities: dict[int, int] = {}
+    for entry in sorted((root / "sys/devices/system/cpu").glob("cpu[0-9]*")):
+        capacity = _read_int(entry / "cpu_capacity")
+        if capacity is not None and capacity > 0:
+            capacities[int(entry.name[3:])] = capacity
+    return capacities
+
+
 def read_all(root: Path = Path("/")) -> Readings:
     """One snapshot of every sensor under `root`."""
     temp_c, temp_zone = read_thermal(root)

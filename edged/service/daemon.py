@@ -57,8 +57,9 @@ from edged.governor.policy import (
     GovernorPolicy,
     GovernorState,
     decide,
+    preferred_cores,
 )
-from edged.governor.sensors import Readings, read_all
+from edged.governor.sensors import Readings, read_all, read_core_capacities
 from edged.mqtt.answer_store import AnswerStore
 from edged.mqtt.errors import ErrorCode, ProtocolError
 from edged.mqtt.messages import (
@@ -178,6 +179,14 @@ class Daemon:
             # Refuse, with the numbers, a model that cannot fit, rather than being OOM-killed
             # halfway through loading it; the daemon then serves triage-only answers.
             check_model_fits(m.path, m.context_length, read_all(config.governor.sensor_root))
+            capacities = read_core_capacities(config.governor.sensor_root)
+            preferred = preferred_cores(m.prefer_cores, capacities)
+            if preferred:
+                log.info(
+                    "cores in order of preference: %s (cpu_capacity %s)",
+                    list(preferred),
+                    [capacities.get(cpu) for cpu in preferred],
+                )
             return Engine.load(
                 m.path,
                 EngineOptions(
@@ -185,6 +194,7 @@ class Daemon:
                     context_length=m.context_length,
                     verify_hashes=m.verify_hashes,
                     spin=m.spin_threads,
+                    preferred_cores=preferred,
                 ),
             )
         except ModelDirError as exc:
