@@ -12,6 +12,7 @@ from edged.governor.policy import (
     ThermalBands,
     decide,
     next_state,
+    pause_after_step,
     preferred_cores,
 )
 
@@ -88,11 +89,12 @@ def test_firmware_throttling_forces_at_least_hot() -> None:
 
 def test_decisions_per_state() -> None:
     nominal, _ = decide(None, GovernorInput(temp_c=40.0), POLICY, 0)
-    assert (nominal.threads, nominal.pause_ms, nominal.model_available) == (4, 0.0, True)
+    assert (nominal.threads, nominal.idle_fraction, nominal.model_available) == (4, 0.0, True)
     warm, _ = decide(None, GovernorInput(temp_c=72.0), POLICY, 0)
-    assert warm.threads == 4 and warm.pause_ms > 0  # all cores, with a duty cycle
+    assert warm.threads == 4 and warm.idle_fraction > 0  # all cores, with a duty cycle
     hot, _ = decide(None, GovernorInput(temp_c=80.0), POLICY, 0)
-    assert hot.threads == 2 and hot.pause_ms > warm.pause_ms and hot.max_new_tokens == 128
+    assert hot.threads == 2 and hot.idle_fraction > warm.idle_fraction
+    assert hot.max_new_tokens == 128
     critical, _ = decide(None, GovernorInput(temp_c=90.0), POLICY, 0)
     assert not critical.model_available and critical.accept_queries
     assert "90.0 °C" in critical.reason
@@ -127,3 +129,30 @@ def test_preferred_cores_put_big_cores_first_and_config_wins() -> None:
     assert preferred_cores([], {c: 1024 for c in range(4)}) == ()
     assert preferred_cores([], {}) == ()
     assert preferred_cores([6, 7], rk3588) == (6, 7)
+
+
+@pytest.mark.parametrize(
+    ("step_s", "idle", "floor_s", "pause_s"),
+    [
+        (0.030, 0.2, 0.0, 0.0075),  # 30 ms step, idle 20 % of the time: 7.5 ms rest
+        (0.003, 0.2, 0.0, 0.00075),  # a 10x faster model rests 10x less: same duty cycle
+        (0.300, 0.5, 0.0, 0.300),
+        (0.030, 0.0, 0.0, 0.0),
+        (0.030, 0.0, 0.010, 0.010),  # the configured floor (governor.pause_ms)
+        (0.030, 0.2, 0.010, 0.010),
+        (-1.0, 0.2, 0.0, 0.0),
+    ],
+)
+def test_pause_after_step_keeps_the_idle_fraction_whatever_the_step_time(
+    step_s: float, idle: float, floor_s: float, pause_s: float
+) -> None:
+    pause = pause_after_step(step_s, idle, floor_s)
+    assert pause == pytest.approx(pause_s)
+    if step_s > 0 and pause > floor_s:
+        assert pause / (pause + step_s) == pytest.approx(idle)
+
+
+@pytest.mark.parametrize("idle", [-0.1, 1.0, 1.5])
+def test_pause_after_step_refuses_an_impossible_fraction(idle: float) -> None:
+    with pytest.raises(ValueError, match=f"idle_fraction = {idle}"):
+        pause_after_step(0.03, idle)

@@ -34,7 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from edged.engine import Engine, EngineOptions, GenerationConfig  # noqa: E402
-from edged.governor.policy import PROFILE_BANDS, GovernorInput, GovernorPolicy, decide  # noqa: E402
+from edged.governor.policy import (  # noqa: E402
+    PROFILE_BANDS,
+    GovernorInput,
+    GovernorPolicy,
+    decide,
+    pause_after_step,
+)
 from edged.governor.sensors import read_all  # noqa: E402
 
 # Where the firmware starts throttling (Raspberry Pi documentation: 80 °C on a Pi 4 and 5).
@@ -88,8 +94,13 @@ def run(
     ids = engine.render_chat([{"role": "user", "content": "Tell me about my heart."}])
     cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
 
+    # The daemon reads its sensors every governor.interval_s (2 s by default), not every step;
+    # reading them every step would also make a fast model's governed run mostly file I/O.
+    read_every = 2.0 / accel
+    last_read = -read_every
+
     def tick(now: float, busy: bool) -> None:
-        nonlocal last, above, max_temp, state, decision
+        nonlocal last, above, max_temp, state, decision, last_read
         dt = (now - last) * accel
         last = now
         busy_cores = engine.parallelism if busy else 0.0
@@ -97,6 +108,9 @@ def run(
         max_temp = max(max_temp, temp)
         if temp > limit:
             above += dt
+        if now - last_read < read_every:
+            return
+        last_read = now
         _zone(root, temp)
         if governed:
             readings = read_all(root)  # the real sensor code on the kernel's file format
@@ -112,11 +126,18 @@ def run(
             tick(time.monotonic(), busy=False)
             continue
 
+        step_started: float | None = None
+
         def step(n: int) -> None:
-            tick(time.monotonic(), busy=True)
-            if governed and decision is not None and decision.pause_ms:
-                time.sleep(decision.pause_ms / 1000.0)  # real time: the board cools meanwhile
-                tick(time.monotonic(), busy=False)
+            nonlocal step_started
+            now = time.monotonic()
+            tick(now, busy=True)
+            if governed and decision is not None and step_started is not None:
+                pause = pause_after_step(now - step_started, decision.idle_fraction)
+                if pause:
+                    time.sleep(pause)  # real time: the board cools meanwhile
+                    tick(time.monotonic(), busy=False)
+            step_started = time.monotonic()
 
         result = engine.generate(
             ids,
@@ -140,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="pi5", choices=sorted(THROTTLE_LIMIT_C))
     # The benchmark model (tools/bench_engine.py builds it) decodes at a realistic ~30 ms per
-    # token here; the bundled toy model's ~1 ms steps turn the governor's fixed pauses into an
-    # extreme duty cycle, so it only shows the temperature control, not the throughput.
+    # token here; the bundled toy model (~1 ms steps) works too, since the duty cycle is a
+    # fraction of the step time, but its heat per token is not a real model's.
     bench = Path.home() / ".cache/edged/bench/qwen3-0.6b/gqa-int4-qwen3-0.6b-last-logits"
     toy = REPO / "tests/fixtures/tiny-qwen3-int4"
     ap.add_argument("--model", type=Path, default=bench if bench.is_dir() else toy)
@@ -149,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accel", type=float, default=20.0, help="simulated seconds per second")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    engine = Engine.load(args.model, EngineOptions(threads=0, context_length=512))
+    # Spinning off, as the daemon runs by default (model.spin_threads): threads narrowed onto
+    # fewer cores then take turns instead of spinning against each other.
+    engine = Engine.load(args.model, EngineOptions(threads=0, context_length=512, spin=False))
     cores = len(engine.cores.cores)
     fixed = run(engine, args.profile, args.seconds, args.accel, governed=False, cores=cores)
     governed = run(engine, args.profile, args.seconds, args.accel, governed=True, cores=cores)

@@ -182,7 +182,8 @@ class GovernorConfig(Section):
         0.0,
         ge=0,
         le=10000,
-        description="pause between decode steps (duty cycle); the governor will adjust it",
+        description="minimum pause between decode steps; when warm or hot the governor rests "
+        "longer, in proportion to the step time",
     )
     min_headroom_mb: float = Field(
         256.0, ge=0, description="below this much free memory, queries are answered busy"

@@ -8,8 +8,9 @@ triage-only `degraded` answers; alerts never depend on the model). Memory is sep
 temperature: below `min_headroom_mb` new queries are refused with `busy`, and below
 `shrink_context_below_mb` the KV context is capped.
 
-Not wired into the daemon yet (issue #6): the sensors exist (`sensors.py`), the actuation
-(thread affinity, pauses, session rebuilds between queries) does not.
+The duty cycle is a fraction of time, not a pause in milliseconds: after each decode step the
+cores rest `idle_fraction / (1 - idle_fraction)` times as long as the step took, so the same
+setting cools a board alike whether a step takes 3 ms (a toy model) or 300 ms (4B on a Pi 4).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ PROFILE_BANDS: dict[str, ThermalBands] = {
 class StateSettings:
     threads: int | None
     """None = every allowed thread."""
-    pause_ms: float
-    """Pause between decode steps: the duty cycle."""
+    idle_fraction: float
+    """Share of the time the cores rest between decode steps: the duty cycle (0 = none)."""
     max_new_tokens: int | None
     """Cap on a query's tokens in this state; None = the query's own."""
 
@@ -90,14 +91,14 @@ class GovernorPolicy:
             bands=PROFILE_BANDS.get(profile, PROFILE_BANDS["generic"]),
             max_threads=max_threads,
             settings={
-                "nominal": StateSettings(threads=None, pause_ms=0.0, max_new_tokens=None),
+                "nominal": StateSettings(threads=None, idle_fraction=0.0, max_new_tokens=None),
                 # Warm: every core, but a duty cycle; the board sheds heat between steps.
-                "warm": StateSettings(threads=None, pause_ms=8.0, max_new_tokens=None),
+                "warm": StateSettings(threads=None, idle_fraction=0.2, max_new_tokens=None),
                 # Hot: half the cores, a longer pause and shorter answers.
                 "hot": StateSettings(
-                    threads=max(1, max_threads // 2), pause_ms=30.0, max_new_tokens=128
+                    threads=max(1, max_threads // 2), idle_fraction=0.35, max_new_tokens=128
                 ),
-                "critical": StateSettings(threads=1, pause_ms=0.0, max_new_tokens=0),
+                "critical": StateSettings(threads=1, idle_fraction=0.0, max_new_tokens=0),
             },
         )
 
@@ -122,7 +123,7 @@ class GovernorState:
 class GovernorDecision:
     state: str
     threads: int
-    pause_ms: float
+    idle_fraction: float
     max_new_tokens: int | None
     model_available: bool
     accept_queries: bool
@@ -171,7 +172,7 @@ def decide(
         GovernorDecision(
             state=state.state,
             threads=min(policy.max_threads, settings.threads or policy.max_threads),
-            pause_ms=settings.pause_ms,
+            idle_fraction=settings.idle_fraction,
             max_new_tokens=settings.max_new_tokens,
             model_available=state.state != "critical",
             accept_queries=not short,
@@ -192,3 +193,11 @@ def preferred_cores(configured: Sequence[int], capacities: Mapping[int, int]) ->
     if len(set(capacities.values())) < 2:
         return ()
     return tuple(sorted(capacities, key=lambda cpu: (-capacities[cpu], cpu)))
+
+
+def pause_after_step(step_s: float, idle_fraction: float, floor_s: float = 0.0) -> float:
+    """Seconds to rest after a decode step that took `step_s`, so that the cores are idle
+    `idle_fraction` of the time; never less than `floor_s` (governor.pause_ms)."""
+    if not 0.0 <= idle_fraction < 1.0:
+        raise ValueError(f"idle_fraction = {idle_fraction} must be in [0, 1)")
+    return max(floor_s, max(0.0, step_s) * idle_fraction / (1.0 - idle_fraction))

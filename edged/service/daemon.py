@@ -57,6 +57,7 @@ from edged.governor.policy import (
     GovernorPolicy,
     GovernorState,
     decide,
+    pause_after_step,
     preferred_cores,
 )
 from edged.governor.sensors import Readings, read_all, read_core_capacities
@@ -111,6 +112,8 @@ class Counters:
     errors: int = 0
     duplicates: int = 0
     alerts: int = 0
+    paused_s: float = 0.0
+    """Time inference rested between decode steps (the duty cycle)."""
 
 
 VitalsHandler = Callable[[str, Vitals], None]
@@ -760,14 +763,23 @@ class Daemon:
                 return "deadline"
             return None
 
+        step_started: float | None = None  # None until the first decode step (after prefill)
+
         def between_steps(step: int) -> None:
-            self._heartbeat = time.monotonic()
+            nonlocal step_started
+            now = self._heartbeat = time.monotonic()
             self.scheduler.progress(query.max_tokens - step)
             self._expire_queued()
-            # The duty cycle: the configured floor, or more when the governor says so.
-            pause_ms = max(self.config.governor.pause_ms, self.decision.pause_ms)
-            if pause_ms:
-                time.sleep(pause_ms / 1000.0)
+            # The duty cycle: rest in proportion to the step just taken (the governor's idle
+            # fraction), and never less than the configured floor.
+            step_s = 0.0 if step_started is None else now - step_started
+            pause = pause_after_step(
+                step_s, self.decision.idle_fraction, self.config.governor.pause_ms / 1000.0
+            )
+            if pause:
+                time.sleep(pause)
+                self.counters.paused_s += pause
+            step_started = time.monotonic()
 
         messages = [
             {"role": "system", "content": m.system_prompt},
