@@ -313,10 +313,8 @@ def model_dirs(shape_name: str, last_token_logits: bool) -> dict[str, Path]:
 
 
 def build_checkpoint(out: Path, shape: dict[str, int]) -> None:
-    """A Qwen3 checkpoint of `shape` with random weights and the test tokenizer."""
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
+    """A Qwen3 checkpoint of `shape` with random weights and the test tokenizer, built by the
+    test-model tool (same seed and init), greedy by default."""
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import make_test_model
 
@@ -325,28 +323,7 @@ def build_checkpoint(out: Path, shape: dict[str, int]) -> None:
         import shutil
 
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    tokenizer = make_test_model.build_tokenizer(partial)
-    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen3Config(
-        **shape,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        # As in the test model: at 0.02 a random model repeats one token forever.
-        initializer_range=0.5,
-        bos_token_id=endoftext,
-        eos_token_id=im_end,
-        dtype="float32",
-    )
-    config.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(make_test_model.SEED)
-    model = Qwen3ForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
-    )
-    model.save_pretrained(partial, safe_serialization=True)
+    make_test_model.build_checkpoint(partial, shape, sampling_defaults=False)
     partial.rename(out)
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 # No hub access, ever: the checkpoint is built here from nothing.
@@ -288,27 +289,38 @@ def build_tokenizer(out_dir: Path):  # -> PreTrainedTokenizerFast
     return hf_tok
 
 
-def build_checkpoint(out_dir: Path) -> Path:
-    """Write the tiny Qwen3 HF checkpoint (weights, tokenizer, configs) into `out_dir`."""
+# The committed fixture's shape: small enough that the int4 export is a few hundred KB.
+TINY_SHAPE: dict[str, int] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 2048,
+}
+
+
+def build_checkpoint(
+    out_dir: Path, shape: Mapping[str, int] | None = None, sampling_defaults: bool = True
+) -> Path:
+    """Write a Qwen3 HF checkpoint with random weights (seeded), the test tokenizer and configs
+    into `out_dir`: the tiny fixture by default, or another `shape` (tools/bench_engine.py
+    builds Qwen3-0.6B's). `sampling_defaults` writes Qwen3's recommended sampling into
+    generation_config.json, as the real model ships; without it `generate` is greedy."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    dims = dict(shape or TINY_SHAPE)
+    dims.setdefault("vocab_size", -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
 
     config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=2048,
+        **dims,
         rope_theta=1_000_000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
@@ -322,15 +334,13 @@ def build_checkpoint(out_dir: Path) -> Path:
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(SEED)
     model = Qwen3ForCausalLM(config).eval()
+    # Qwen3's recommended sampling for thinking mode; greedy tests override it.
+    sampling = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
     model.generation_config = GenerationConfig(
         bos_token_id=endoftext,
         eos_token_id=[im_end, endoftext],
         pad_token_id=endoftext,
-        # Qwen3's recommended sampling for thinking mode; greedy tests override it.
-        do_sample=True,
-        temperature=0.6,
-        top_k=20,
-        top_p=0.95,
+        **(sampling if sampling_defaults else {}),
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
