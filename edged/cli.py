@@ -293,7 +293,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     config = resolved.config
     if args.config_command == "check":
-        problems = check_config(config, str(args.file))
+        problems = check_config(config, str(args.file), resolved.key_lines)
         for line in problems:
             print(line, file=sys.stderr)
         if problems:

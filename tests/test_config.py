@@ -47,7 +47,12 @@ def test_shipped_configs_pass(name: str) -> None:
             ":3: model.threads = -2: Input should be greater than or equal to 0",
         ),
         ("mqtt: {host: x}\n", ": model: required key is missing"),
-        ("model: {path: no-such-dir}\n", "model.path = '"),
+        ("mqtt: {port: 1883}\nmodel:\n  path: no-such-dir\n", ":3: model.path = '"),
+        (
+            f"model: {{path: {REPO / 'tests/fixtures/tiny-qwen3-int4'}}}\nmqtt:\n"
+            "  password_file: /nonexistent/pw\n",
+            ":3: mqtt.password_file = '/nonexistent/pw': cannot be read",
+        ),
         (
             "clinical:\n  red_flags:\n    severities: {sneezing: high}\nmodel: {path: m}\n",
             "unknown flag(s) sneezing",
@@ -60,6 +65,7 @@ def test_shipped_configs_pass(name: str) -> None:
         "negative-threads",
         "no-model",
         "missing-model-dir",
+        "unreadable-password-file",
         "unknown-red-flag",
         "broken-yaml",
     ],

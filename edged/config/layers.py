@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class Resolved:
     origins: dict[str, str]
     """Dotted key -> the layer that set it (`default` when none did)."""
     profile: str
+    key_lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+    """Line of each key in the config file, by its path (for messages)."""
 
 
 def detect_board(root: Path = Path("/")) -> str:
@@ -197,7 +199,7 @@ def resolve(
     origins.pop("profile", None)
     merged = _substitute(merged, env, source)
     config = parse_config(merged, source, base_dir=config_file.resolve().parent, key_lines=lines)
-    return Resolved(config, origins, profile)
+    return Resolved(config, origins, profile, lines)
 
 
 def _hostname() -> str:

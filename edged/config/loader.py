@@ -151,13 +151,20 @@ def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
-def check_config(config: EdgedConfig, source: str) -> list[str]:
-    """Problems a schema cannot see: files that must exist and be readable."""
+def check_config(
+    config: EdgedConfig, source: str, key_lines: dict[tuple[str, ...], int] | None = None
+) -> list[str]:
+    """Problems a schema cannot see: files that must exist and be readable. With `key_lines`
+    (from `read_yaml`), each problem names the line of its key, like a schema error."""
     problems: list[str] = []
+
+    def where(key: str) -> str:
+        return _where(source, key_lines or {}, tuple(key.split(".")))
+
     model_dir = config.model.path
     if config.model.enabled and not (model_dir / "edged-model.json").is_file():
         problems.append(
-            f"{source}: model.path = '{model_dir}': no edged model directory there "
+            f"{where('model.path')}: model.path = '{model_dir}': no edged model directory there "
             "(expected edged-model.json; see `edged model export`)"
         )
     tls = config.mqtt.tls
@@ -177,5 +184,5 @@ def check_config(config: EdgedConfig, source: str) -> list[str]:
         try:
             file.open("rb").close()
         except OSError as exc:
-            problems.append(f"{source}: {key} = '{file}': cannot be read ({exc.strerror})")
+            problems.append(f"{where(key)}: {key} = '{file}': cannot be read ({exc.strerror})")
     return problems
