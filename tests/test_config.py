@@ -58,6 +58,14 @@ def test_shipped_configs_pass(name: str) -> None:
             "unknown flag(s) sneezing",
         ),
         ("model: [1, 2\n", "not valid YAML"),
+        (
+            "model: {path: m}\ngovernor:\n  warm_c: 80\n",
+            ":2: governor: warm_c, hot_c and critical_c must be given together",
+        ),
+        (
+            "model: {path: m}\ngovernor: {warm_c: 80, hot_c: 75, critical_c: 90}\n",
+            ":2: governor: bands must rise: warm_c = 80.0, hot_c = 75.0",
+        ),
     ],
     ids=[
         "typo",
@@ -68,6 +76,8 @@ def test_shipped_configs_pass(name: str) -> None:
         "unreadable-password-file",
         "unknown-red-flag",
         "broken-yaml",
+        "one-band-alone",
+        "bands-not-rising",
     ],
 )
 def test_broken_configs_exit_2_with_one_line_naming_file_and_key(

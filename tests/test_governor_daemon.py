@@ -177,3 +177,23 @@ def test_a_hot_big_little_board_keeps_inference_on_its_big_core(
     for tid in daemon.engine.cores.pool_threads:
         assert os.sched_getaffinity(tid) == {big}
     assert _ask(gateway, "on-big")["governor"] == {"state": "hot", "threads": 1}
+
+
+def test_configured_bands_replace_the_profiles(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
+) -> None:
+    """A fleet profile for boards with a fan (or a tighter enclosure) sets its own bands."""
+    root = _board(tmp_path, 55.0)  # nominal for the generic profile (warm from 75 °C)
+    daemon = start_daemon(
+        governor={
+            "sensor_root": str(root),
+            "profile": "generic",
+            "interval_s": 0.1,
+            "warm_c": 40,
+            "hot_c": 50,
+            "critical_c": 60,
+        },
+        model={"threads": 2},
+    )
+    assert daemon.decision.state == "hot"
+    assert _ask(gateway, "banded")["governor"]["state"] == "hot"

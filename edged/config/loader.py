@@ -65,6 +65,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     value = error.get("input")
+    if error["type"] == "value_error" and isinstance(value, dict):
+        # A section's own check (e.g. the governor's bands): its message names the keys.
+        return str(error["msg"]).removeprefix("Value error, ")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
     if len(shown) > 60:
         shown = shown[:57] + "..."

@@ -196,6 +196,31 @@ class GovernorConfig(Section):
     shrunk_context: int = Field(
         512, ge=64, description="the context cap (tokens) while memory is tight"
     )
+    warm_c: float | None = Field(
+        None,
+        ge=0,
+        le=150,
+        description="thermal band entries, all three or none; none = the "
+        "profile's built-in bands (a board with a fan or heatsink can run hotter)",
+    )
+    hot_c: float | None = Field(None, ge=0, le=150, description="see warm_c")
+    critical_c: float | None = Field(None, ge=0, le=150, description="see warm_c")
+
+    @model_validator(mode="after")
+    def _bands_all_or_none_and_rising(self) -> GovernorConfig:
+        bands = (self.warm_c, self.hot_c, self.critical_c)
+        given = [b for b in bands if b is not None]
+        if given and len(given) != 3:
+            raise ValueError(
+                "governor: warm_c, hot_c and critical_c must be given together (or none, for "
+                "the profile's bands)"
+            )
+        if given and not given[0] < given[1] < given[2]:
+            raise ValueError(
+                f"governor: bands must rise: warm_c = {given[0]}, hot_c = {given[1]}, "
+                f"critical_c = {given[2]}"
+            )
+        return self
 
 
 def _default_flag_severities() -> dict[str, Severity]:

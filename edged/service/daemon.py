@@ -56,6 +56,7 @@ from edged.governor.policy import (
     GovernorInput,
     GovernorPolicy,
     GovernorState,
+    ThermalBands,
     decide,
     pause_after_step,
     preferred_cores,
@@ -339,7 +340,11 @@ class Daemon:
         base = PROFILE_BANDS.get(profile, PROFILE_BANDS["generic"])
         threads = self.engine.threads if self.engine else 1
         policy = GovernorPolicy.for_profile(profile, max_threads=threads)
-        bands = type(base)(base.warm_c, base.hot_c, base.critical_c, g.hysteresis_c, g.dwell_s)
+        # Configured bands (all three, validated as rising) replace the profile's.
+        warm, hot, critical = base.warm_c, base.hot_c, base.critical_c
+        if g.warm_c is not None and g.hot_c is not None and g.critical_c is not None:
+            warm, hot, critical = g.warm_c, g.hot_c, g.critical_c
+        bands = ThermalBands(warm, hot, critical, g.hysteresis_c, g.dwell_s)
         return GovernorPolicy(
             bands=bands,
             max_threads=threads,
