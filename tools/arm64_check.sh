@@ -235,14 +235,19 @@ in_namespace() {
   mount_guest "$cpu"
   case $stage in
     smoke)
-      # Imports, CPU detection, model load and generation through the installed CLI. faulthandler
-      # names the frame if the runtime dies on an illegal instruction.
+      # Imports, CPU detection, model load and generation through the installed CLI, then the
+      # demo end to end. faulthandler names the frame if the runtime dies on an illegal
+      # instruction.
       in_chroot "$cpu" "$VENV" sh -c '
         set -e
         echo "guest: $(uname -m), $(grep -m1 "CPU part" /proc/cpuinfo), QEMU_CPU=$QEMU_CPU"
         python3 -X faulthandler -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())"
         cd /src && edged ask --model tests/fixtures/tiny-qwen3-int4 --max-tokens 8 --seed 1 "Is a resting pulse of 118 high?"
-        echo' ;;
+        echo
+        # The README main job: broker, daemon and simulated wearables; exits 1 on a missing reply.
+        edged demo --model tests/fixtures/tiny-qwen3-int4 --seconds 120 >/tmp/demo.log 2>&1 \
+          || { cat /tmp/demo.log; exit 1; }
+        echo "edged demo: $(grep -c "^  advice" /tmp/demo.log) advice, $(grep -c "^  alert" /tmp/demo.log) alerts, $(grep -c "^  error" /tmp/demo.log) error"' ;;
     tests)
       in_chroot "$cpu" "$VENV" sh -c 'cd /src && exec python3 -X faulthandler -m pytest -m arm64 -q \
         -p no:cacheprovider "$@"' pytest "$@" ;;
