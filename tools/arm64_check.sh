@@ -13,7 +13,8 @@
 #   --cpu           emulate only this CPU (repeatable; default: cortex-a72 and cortex-a76)
 #   --onnxruntime   install this onnxruntime release instead of the project's requirement,
 #                   to check a release before allowing it (e.g. --onnxruntime 1.21.0)
-#   --rebuild       rebuild the cached root filesystem
+#   --rebuild       rebuild the cached root filesystem and its venvs (a cached venv keeps the
+#                   releases it resolved when it was made; CI machines start without one)
 #   --keep-going    run every CPU even after one has failed
 #   --print-cpuinfo CPU  print the /proc/cpuinfo the guest sees for CPU, and exit
 # Environment:
@@ -252,8 +253,8 @@ in_namespace() {
       in_chroot "$cpu" "$VENV" sh -c 'cd /src && exec python3 -X faulthandler -m pytest -m arm64 -q \
         -p no:cacheprovider "$@"' pytest "$@" ;;
     *)
-      # Setup commands (venv, pip) run with the weakest CPU model: nothing they install may need
-      # more than a Pi 4 has.
+      # Setup commands (venv, pip) run under the first CPU model asked for (the Pi 4's by
+      # default, so nothing installed may need more than a Pi 4 has).
       in_chroot "$cpu" "$VENV" "$stage" "$@" ;;
   esac
 }
