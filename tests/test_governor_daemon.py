@@ -28,6 +28,17 @@ def set_temp(root: Path, temp_c: float) -> None:
     (root / "sys/class/thermal/thermal_zone0/temp").write_text(f"{int(temp_c * 1000)}\n")
 
 
+def _cgroup(root: Path, max_mb: int, current_mb: int) -> Path:
+    """The daemon's own cgroup v2 directory under the fake root, with its memory files."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text("0::/edged\n")
+    group = root / "sys/fs/cgroup/edged"
+    group.mkdir(parents=True)
+    (group / "memory.max").write_text(f"{max_mb * 2**20}\n")
+    (group / "memory.current").write_text(f"{current_mb * 2**20}\n")
+    return group
+
+
 def _governed(start_daemon: Callable[..., Daemon], root: Path) -> Daemon:
     return start_daemon(
         governor={
@@ -96,13 +107,8 @@ def test_low_memory_headroom_answers_busy(
     tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     root = _board(tmp_path, 45.0)
-    (root / "proc/self").mkdir(parents=True)
-    (root / "proc/self/cgroup").write_text("0::/edged\n")
-    group = root / "sys/fs/cgroup/edged"
-    group.mkdir(parents=True)
     # Plenty at start (the model loads), then the cgroup fills up.
-    (group / "memory.max").write_text(f"{2048 * 2**20}\n")
-    (group / "memory.current").write_text(f"{100 * 2**20}\n")
+    group = _cgroup(root, max_mb=2048, current_mb=100)
     _governed(start_daemon, root)
     assert _ask(gateway, "before")["finish_reason"] == "length"
     (group / "memory.current").write_text(f"{2000 * 2**20}\n")  # 48 MB headroom < 256 MB
@@ -123,12 +129,7 @@ def test_tight_memory_caps_the_context_and_a_refused_query_can_be_retried(
     tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     root = _board(tmp_path, 45.0)
-    (root / "proc/self").mkdir(parents=True)
-    (root / "proc/self/cgroup").write_text("0::/edged\n")
-    group = root / "sys/fs/cgroup/edged"
-    group.mkdir(parents=True)
-    (group / "memory.max").write_text(f"{2048 * 2**20}\n")
-    (group / "memory.current").write_text(f"{100 * 2**20}\n")
+    group = _cgroup(root, max_mb=2048, current_mb=100)
     daemon = start_daemon(
         governor={"sensor_root": str(root), "profile": "generic", "interval_s": 0.1},
         model={"threads": 2},

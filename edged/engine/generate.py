@@ -156,8 +156,10 @@ def run_generation(
     ):
         runner.restore(prefix.kv)
         cached = len(prefix.token_ids)
-    capped = config.max_context is not None and config.max_context < runner.capacity
-    limit = config.max_context if capped and config.max_context else runner.capacity
+    limit = runner.capacity
+    if config.max_context is not None:
+        limit = min(limit, config.max_context)
+    capped = limit < runner.capacity
     if len(prompt) >= limit:
         where = (
             f"the memory cap of {limit} tokens (context_length {runner.capacity})"

@@ -104,7 +104,7 @@ class GrowingKVRunner(_RunnerBase):
         return self._last_logits(outputs[0])
 
     def snapshot(self) -> KVSnapshot:
-        # A copy, not the present OrtValues themselves: before onnxruntime 1.23 the values that
+        # A copy, not the present OrtValues themselves: before onnxruntime 1.30 the values that
         # IOBinding.get_outputs() returns are the binding's own output slots, which the next run
         # replaces, so a shared snapshot silently became a later, longer cache. Taken once per
         # system prompt, the copy costs nothing per request.

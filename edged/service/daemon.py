@@ -51,7 +51,6 @@ from edged.engine import (
 )
 from edged.governor.memory_check import check_model_fits
 from edged.governor.policy import (
-    PROFILE_BANDS,
     GovernorDecision,
     GovernorInput,
     GovernorPolicy,
@@ -337,10 +336,10 @@ class Daemon:
     def _governor_policy(self) -> GovernorPolicy:
         g = self.config.governor
         profile = detect_board(g.sensor_root) if g.profile == "auto" else g.profile
-        base = PROFILE_BANDS.get(profile, PROFILE_BANDS["generic"])
         threads = self.engine.threads if self.engine else 1
         policy = GovernorPolicy.for_profile(profile, max_threads=threads)
         # Configured bands (all three, validated as rising) replace the profile's.
+        base = policy.bands
         warm, hot, critical = base.warm_c, base.hot_c, base.critical_c
         if g.warm_c is not None and g.hot_c is not None and g.critical_c is not None:
             warm, hot, critical = g.warm_c, g.hot_c, g.critical_c
@@ -397,6 +396,15 @@ class Daemon:
             if publish and self.transport.connected:
                 self.publish_status()
         return decision
+
+    def _memory_busy(self, message: str, query_id: str) -> ProtocolError:
+        """`busy` for lack of memory: worth a retry after the governor's next two readings."""
+        return ProtocolError(
+            ErrorCode.BUSY,
+            message,
+            id=query_id,
+            retry_after_ms=int(self.config.governor.interval_s * 2000),
+        )
 
     def _governor_loop(self) -> None:
         while not self._stopping.wait(self.config.governor.interval_s):
@@ -592,11 +600,8 @@ class Daemon:
         if not self.decision.accept_queries:
             self._send_error(
                 route.topic,
-                ProtocolError(
-                    ErrorCode.BUSY,
-                    "memory headroom is too low to take queries right now; retry later",
-                    id=query.id,
-                    retry_after_ms=int(self.config.governor.interval_s * 2000),
+                self._memory_busy(
+                    "memory headroom is too low to take queries right now; retry later", query.id
                 ),
                 route.correlation,
                 [msg.ack],
@@ -809,12 +814,7 @@ class Daemon:
                     acks = list(job.acks)
                 self._send_error(
                     work.route.topic,
-                    ProtocolError(
-                        ErrorCode.BUSY,
-                        f"{exc} while memory is tight; retry later",
-                        id=job.query_id,
-                        retry_after_ms=int(self.config.governor.interval_s * 2000),
-                    ),
+                    self._memory_busy(f"{exc} while memory is tight; retry later", job.query_id),
                     work.route.correlation,
                     acks,
                 )
