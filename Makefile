@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MODEL  ?= tests/fixtures/tiny-qwen3-int4
+MODEL  ?= edged/models/tiny-qwen3-int4
 
 .PHONY: demo ask test arm64-check lint bench install install-dev clean
 

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from edged import __version__
+from edged.config.models import DEFAULT_SYSTEM_PROMPT
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a careful medical assistant running on a patient's device. Answer briefly and "
-    "plainly. Say when symptoms need a clinician, and never replace emergency care."
-)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +64,23 @@ def _build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_ask_parser(sub)
+    run = sub.add_parser("run", help="run the daemon (MQTT service)")
+    run.add_argument(
+        "--config", required=True, type=Path, help="YAML config: a single-node file or a fleet file"
+    )
+    _add_layer_arguments(run)
+    demo = sub.add_parser("demo", help="a private broker, the daemon and simulated wearables")
+    demo.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: the bundled model)"
+    )
+    demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
+    _add_config_parser(sub)
+    _add_model_parser(sub)
+    return parser
 
+
+def _add_ask_parser(sub: Any) -> None:
     ask = sub.add_parser("ask", help="answer one question on the terminal, streaming")
     _add_engine_arguments(ask)
     ask.add_argument("question", help="the question")
@@ -90,18 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print the result as JSON at the end")
 
-    run = sub.add_parser("run", help="run the daemon (MQTT service)")
-    run.add_argument(
-        "--config", required=True, type=Path, help="YAML config: a single-node file or a fleet file"
-    )
-    _add_layer_arguments(run)
 
-    demo = sub.add_parser("demo", help="a private broker, the daemon and simulated wearables")
-    demo.add_argument(
-        "--model", type=Path, default=None, help="model directory (default: the bundled test model)"
-    )
-    demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
-
+def _add_config_parser(sub: Any) -> None:
     config = sub.add_parser("config", help="check or show a config file")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate; exit 2 with one line per problem")
@@ -114,6 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_layer_arguments(show)
 
+
+def _add_model_parser(sub: Any) -> None:
     model = sub.add_parser("model", help="model directories: info, export")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a model directory's manifest and layout")
@@ -126,7 +131,6 @@ def _build_parser() -> argparse.ArgumentParser:
         export.add_argument("args", nargs=argparse.REMAINDER)
     else:
         add_export_arguments(export)
-    return parser
 
 
 def _setup_logging(verbosity: int, command: str) -> None:

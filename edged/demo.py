@@ -15,6 +15,7 @@ import logging
 import queue
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.config.loader import parse_config
+from edged.models import DEMO_MODEL
 from edged.service.broker import BrokerError, PrivateBroker
 from edged.service.daemon import Daemon
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-qwen3-int4"
 PREFIX = "edged"
 
 
@@ -49,7 +50,7 @@ def _say(kind: str, text: str) -> None:
 
 
 def run_demo(model: Path | None, seconds: float) -> int:
-    model = model or BUNDLED_MODEL
+    model = model or DEMO_MODEL
     if not (model / "edged-model.json").is_file():
         print(f"edged demo: no model at {model}; pass --model DIR", file=sys.stderr)
         return 1
@@ -71,15 +72,18 @@ def run_demo(model: Path | None, seconds: float) -> int:
             }
         )
         daemon = Daemon(config)
-        engine = daemon.engine
-        if engine is None:
+        backend = daemon.backend
+        if backend is None:
             print("daemon:  the model did not load: answers will be triage-only (degraded)")
         else:
+            info = backend.info
             print(
-                f"daemon:  node demo-node, model {engine.manifest.name} "
-                f"({engine.manifest.quantization.method}, {engine.threads} threads)"
+                f"daemon:  node demo-node, model {info.name} "
+                f"({info.quantization}, {info.threads} threads)"
             )
         daemon.start()
+        if not daemon.wait_ready(10):
+            print("daemon:  not subscribed at the broker within 10 s", file=sys.stderr)
         try:
             return _scenario(broker.port, seconds)
         finally:
@@ -93,6 +97,8 @@ def _scenario(port: int, seconds: float) -> int:
         mqtt.CallbackAPIVersion.VERSION2, client_id="edged-demo-gateway", protocol=mqtt.MQTTv5
     )
     client.on_message = lambda c, u, m: inbox.put((m.topic, bytes(m.payload)))
+    subscribed = threading.Event()
+    client.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
@@ -105,7 +111,7 @@ def _scenario(port: int, seconds: float) -> int:
                 (f"{PREFIX}/v1/_node/+/status", 1),
             ]
         )
-        time.sleep(0.3)
+        subscribed.wait(5)  # the SUBACK: replies published from now on reach us
         now = time.time()
         print("\nwearables publish vitals:")
         client.publish(

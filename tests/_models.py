@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+from edged import models
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
-TINY_QWEN3_INT4 = FIXTURES / "tiny-qwen3-int4"
+TINY_QWEN3_INT4 = models.TINY_QWEN3_INT4
 """Committed int4 export of the tiny Qwen3 (regenerate: python tools/make_test_model.py)."""
 
 EXPORT_DISTRIBUTIONS = ("torch", "transformers", "optimum", "onnx", "onnxruntime")

@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,9 +21,11 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edged.models import TINY_QWEN3_INT4
+
 REPO = Path(__file__).resolve().parent.parent
 P = "edged/v1"
-MODEL = REPO / "tests" / "fixtures" / "tiny-qwen3-int4"
+MODEL = TINY_QWEN3_INT4
 
 
 def daemon_config(port: int, state_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -81,17 +84,17 @@ class TestClient:
         )
         self._client.on_message = self._on_message
         self._subs = subscriptions
+        self._subscribed = threading.Event()
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in self._subs])
+        self._client.on_subscribe = lambda c, u, mid, codes, p: self._subscribed.set()
         self._client.reconnect_delay_set(0.1, 0.5)
         props = Properties(PacketTypes.CONNECT)
         if persistent:
             props.SessionExpiryInterval = 3600
         self._client.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
         self._client.loop_start()
-        deadline = time.monotonic() + 5
-        while not self._client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)  # let SUBACK arrive
+        # Messages published from the SUBACK on reach this client.
+        assert self._subscribed.wait(5), f"test client never subscribed on port {port}"
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -198,9 +201,10 @@ class DaemonProcess:
         self.log_path = workdir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, **env_vars: str) -> None:
+        """Start `edged run`; `env_vars` are added to its environment (e.g. NOTIFY_SOCKET)."""
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **env_vars)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edged", "-vv", "run", "--config", str(self.config_path)],
             stdout=log,

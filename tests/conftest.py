@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,7 @@ def start_daemon(broker: PrivateBroker, tmp_path: Path) -> Iterator[Callable[...
         daemon = Daemon(parse_config(daemon_config(broker.port, tmp_path / "state", **sections)))
         started.append(daemon)
         daemon.start()
-        assert daemon.transport.wait_connected(10)
-        time.sleep(0.2)  # SUBACK
+        assert daemon.wait_ready(10), "the daemon never subscribed at the broker"
         return daemon
 
     yield start

@@ -15,12 +15,14 @@ from edged.clinical.advice import (
     user_message,
     vitals_context,
 )
-from edged.clinical.alerts import AlertGate, alert_payload, should_alert
+from edged.clinical.alerts import AlertGate, should_alert
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import assess, news2_input, red_flags
 from edged.clinical.window import summarize
 from edged.config.models import ClinicalConfig, RedFlagConfig
-from edged.mqtt.messages import Vitals, VitalStat, parse_vitals
+from edged.domain import Vitals, VitalStat
+from edged.mqtt.messages import parse_vitals
+from edged.mqtt.payloads import alert_payload
 
 FLAGS = RedFlagConfig()
 T0 = 1_764_064_800.0

@@ -61,7 +61,7 @@ def test_a_normal_summary_raises_no_alert(
         ),
     )
     assert not [r for r in gateway.drain(1.0) if r.topic.endswith("/alert")]
-    assert daemon.counters.vitals == 1
+    assert daemon.metrics().counters.vitals == 1
 
 
 def test_repeated_alerts_are_rate_limited_but_worsening_goes_out(
@@ -146,7 +146,7 @@ def test_model_disabled_by_config_answers_degraded_from_triage(
     start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     daemon = start_daemon(model={"enabled": False})
-    assert daemon.engine is None
+    assert daemon.backend is None
     gateway.publish(f"{P}/w1/vitals", _vitals(**HIGH_RISK))
     gateway.publish(f"{P}/w1/query", {"id": "q", "text": "Is it serious?"})
     advice = gateway.wait_for(reply_to("q")).json()
@@ -160,7 +160,7 @@ def test_unloadable_model_still_serves_alerts_and_degraded_answers(
     tmp_path: Path, start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     daemon = start_daemon(model={"path": str(tmp_path / "no-such-model")})
-    assert daemon.engine is None
+    assert daemon.backend is None
     status = gateway.wait_for(lambda r: r.topic.endswith("/status"))
     assert status.json()["state"] == "degraded" and status.json()["model"] is None
     gateway.publish(f"{P}/w1/vitals", _vitals(spo2=84))

@@ -49,7 +49,7 @@ def test_shipped_configs_pass(name: str) -> None:
         ("mqtt: {host: x}\n", ": model: required key is missing"),
         ("mqtt: {port: 1883}\nmodel:\n  path: no-such-dir\n", ":3: model.path = '"),
         (
-            f"model: {{path: {REPO / 'tests/fixtures/tiny-qwen3-int4'}}}\nmqtt:\n"
+            f"model: {{path: {REPO / 'edged/models/tiny-qwen3-int4'}}}\nmqtt:\n"
             "  password_file: /nonexistent/pw\n",
             ":3: mqtt.password_file = '/nonexistent/pw': cannot be read",
         ),
@@ -96,8 +96,8 @@ def test_broken_configs_exit_2_with_one_line_naming_file_and_key(
 def test_config_show_masks_the_password(tmp_path: Path) -> None:
     path = tmp_path / "edged.yaml"
     path.write_text(
-        f"mqtt: {{username: u, password: hunter2}}\nmodel: {{path: {REPO}/tests/"
-        "fixtures/tiny-qwen3-int4}\n"
+        f"mqtt: {{username: u, password: hunter2}}\nmodel: {{path: {REPO}/edged/"
+        "models/tiny-qwen3-int4}\n"
     )
     out = subprocess.run(
         [sys.executable, "-m", "edged", "config", "show", str(path)],

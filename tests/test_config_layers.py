@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -166,8 +165,7 @@ def test_sighup_keeps_the_old_config_when_broken_and_applies_live_keys_when_vali
     gateway = TestClient(broker.port, [f"{P}/w1/#", f"{P}/_node/+/error"])
     proc.start()
     try:
-        proc.wait_log("connected to broker")
-        time.sleep(0.3)
+        proc.wait_log("topic filters: ready")
         ask = {"text": "Tell me about my heart.", "include_vitals": False, "max_tokens": 100}
         gateway.publish(f"{P}/w1/query", {"id": "before", **ask})
         assert gateway.wait_for(reply_to("before")).json()["finish_reason"] == "length"

@@ -21,9 +21,10 @@ from edged.engine import (
     ModelDirError,
 )
 from edged.engine.tokenizer import IncrementalDecoder
+from edged.models import TINY_QWEN3_INT4
 
 FIXTURES = Path(__file__).parent / "fixtures"
-INT4 = FIXTURES / "tiny-qwen3-int4"
+INT4 = TINY_QWEN3_INT4
 GQA = FIXTURES / "tiny-qwen3-gqa-int4"
 SYSTEM = "You are a careful medical assistant. Answer briefly and say when to see a clinician."
 QUESTION = "My heart rate is 118 at rest and my SpO2 is 93%. Should I worry?"

@@ -12,11 +12,12 @@ from types import ModuleType
 import pytest
 
 from edged.config.loader import parse_config
+from edged.models import TINY_QWEN3_INT4
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = REPO / "tests" / "fixtures" / "tiny-qwen3-int4"
+MODEL = TINY_QWEN3_INT4
 
 
 def _load_gateway_sim() -> ModuleType:
@@ -46,7 +47,7 @@ def daemon(broker: PrivateBroker, tmp_path: Path) -> Iterator[Daemon]:
     )
     running = Daemon(config)
     running.start()
-    assert running.transport.wait_connected(5.0), "daemon did not connect to the test broker"
+    assert running.wait_ready(5.0), "daemon did not subscribe at the test broker"
     try:
         yield running
     finally:
@@ -91,9 +92,9 @@ def test_every_simulated_query_gets_its_reply_and_only_broken_messages_get_error
     # Every valid summary reached the daemon (QoS 1); its counter may trail the last error.
     valid_vitals = result.vitals_sent - result.invalid_vitals_sent
     deadline = time.monotonic() + 5.0
-    while daemon.counters.vitals < valid_vitals and time.monotonic() < deadline:
+    while daemon.metrics().counters.vitals < valid_vitals and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert daemon.counters.vitals == valid_vitals
+    assert daemon.metrics().counters.vitals == valid_vitals
 
 
 def test_refuses_a_broker_that_is_not_on_this_machine() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edged.config.models import EdgedConfig
+from edged.engine import Engine
 from edged.service.daemon import Daemon
 from tests._mqtt import P, TestClient, reply_to
 
@@ -83,8 +84,8 @@ def test_critical_temperature_pauses_the_model_but_not_alerts(
         lambda r: r.topic.endswith("/status") and r.json()["governor"] == "nominal", timeout=5
     )
     assert _ask(gateway, "cool-again")["finish_reason"] == "length"
-    assert daemon.decision.model_available
-    assert daemon.engine is not None and daemon.engine.parallelism == 2
+    assert daemon.governor.decision.model_available
+    assert daemon.metrics().threads == 2
 
 
 def test_hot_board_slows_down_and_caps_answers(
@@ -92,14 +93,14 @@ def test_hot_board_slows_down_and_caps_answers(
 ) -> None:
     root = _board(tmp_path, 85.0)  # generic: hot from 83 °C
     daemon = _governed(start_daemon, root)
-    idle = daemon.decision.idle_fraction
-    assert daemon.decision.state == "hot" and idle > 0
-    assert daemon.engine is not None and daemon.engine.parallelism == 1  # 2 threads, 1 core
+    idle = daemon.governor.decision.idle_fraction
+    assert daemon.governor.decision.state == "hot" and idle > 0
+    assert daemon.metrics().threads == 1  # 2 threads, 1 core
     answer = _ask(gateway, "slow")
     assert answer["governor"] == {"state": "hot", "threads": 1}
     # The cores rested about the idle fraction of the answer's time: a little less, since the
     # prefill and the first step are not followed by a rest.
-    rested = daemon.counters.paused_s * 1000 / answer["timing_ms"]["total"]
+    rested = daemon.metrics().counters.paused_s * 1000 / answer["timing_ms"]["total"]
     assert 0.2 * idle <= rested <= idle + 0.02
 
 
@@ -171,11 +172,13 @@ def test_a_hot_big_little_board_keeps_inference_on_its_big_core(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{capacity}\n")
     daemon = _governed(start_daemon, root)
-    assert daemon.engine is not None and daemon.engine.parallelism == 1
+    assert daemon.metrics().threads == 1
     # Without the capacities the first allowed core (the little one) would be kept.
-    assert daemon.engine.cores.cpu_set() == {big}
-    assert daemon.engine.cores.pool_threads
-    for tid in daemon.engine.cores.pool_threads:
+    engine = daemon.backend
+    assert isinstance(engine, Engine)  # the onnxruntime CPU backend: its threads, pinned
+    assert engine.cores.cpu_set() == {big}
+    assert engine.cores.pool_threads
+    for tid in engine.cores.pool_threads:
         assert os.sched_getaffinity(tid) == {big}
     assert _ask(gateway, "on-big")["governor"] == {"state": "hot", "threads": 1}
 
@@ -196,5 +199,5 @@ def test_configured_bands_replace_the_profiles(
         },
         model={"threads": 2},
     )
-    assert daemon.decision.state == "hot"
+    assert daemon.governor.decision.state == "hot"
     assert _ask(gateway, "banded")["governor"]["state"] == "hot"

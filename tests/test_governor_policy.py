@@ -8,8 +8,8 @@ from edged.governor.policy import (
     PROFILE_BANDS,
     GovernorInput,
     GovernorPolicy,
-    GovernorState,
     ThermalBands,
+    ThermalState,
     decide,
     next_state,
     pause_after_step,
@@ -25,7 +25,7 @@ POLICY = GovernorPolicy(bands=BANDS, max_threads=4, settings=POLICY.settings)
 
 
 def _run(temps: list[tuple[float, float | None]], bands: ThermalBands = BANDS) -> list[str]:
-    state: GovernorState | None = None
+    state: ThermalState | None = None
     out = []
     for t, temp in temps:
         state = next_state(state, GovernorInput(temp_c=temp), bands, t)

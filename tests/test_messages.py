@@ -15,15 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edged.domain import Cancel, Query, Vitals, VitalStat
 from edged.mqtt.errors import ErrorCode, ProtocolError, error_payload
 from edged.mqtt.messages import (
     DEFAULT_MAX_BYTES,
     MAX_JSON_DEPTH,
     VITAL_RANGES,
-    Cancel,
-    Query,
-    Vitals,
-    VitalStat,
     decode_payload,
     parse_cancel,
     parse_query,

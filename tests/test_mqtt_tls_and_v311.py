@@ -15,7 +15,6 @@ import logging
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 from edged.config.loader import parse_config
 from edged.service.broker import PrivateBroker, free_port
 from edged.service.daemon import Daemon
+from tests._link import read_packet
 from tests._mqtt import P, TestClient, daemon_config, reply_to
 
 
@@ -127,7 +127,7 @@ def _answers_over(port: int, state: Path, gateway_port: int, qid: str, tls: dict
     gateway = TestClient(gateway_port, [f"{P}/w1/#"])
     daemon = _start(port, state, tls=tls)
     try:
-        assert daemon.transport.wait_connected(10)
+        assert daemon.wait_ready(10)
         assert _answered(gateway, qid)["finish_reason"] in ("stop", "length")
     finally:
         daemon.stop()
@@ -200,26 +200,11 @@ class OldBroker:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _read_packet(conn: socket.socket) -> bytes:
-        """One whole MQTT packet: fixed header, variable-length remaining length, body."""
-        header = conn.recv(1)
-        length, shift, raw = 0, 0, b""
-        while True:
-            byte = conn.recv(1)
-            raw += byte
-            length |= (byte[0] & 0x7F) << shift
-            shift += 7
-            if not byte[0] & 0x80:
-                break
-        body = b""
-        while len(body) < length:
-            body += conn.recv(length - len(body))
-        return header + raw + body
-
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            first = self._read_packet(conn)
+            first = read_packet(conn)
+            if first is None:
+                return
             # CONNECT: after the fixed header, protocol name "MQTT" (2 + 4 bytes), then the level.
             level = first[first.index(b"MQTT") + 4]
             if level == 5:
@@ -259,11 +244,10 @@ def test_a_broker_refusing_mqtt5_gets_mqtt_3_1_1_and_queries_are_answered(
     daemon = Daemon(parse_config(daemon_config(old.port, tmp_path / "state")))
     daemon.start()
     try:
-        assert daemon.transport.wait_connected(10)
+        assert daemon.wait_ready(10)
         assert daemon.transport.protocol == "3.1.1"
         assert old.refused_v5 == 1 and old.passed_through >= 1
         assert "falling back to MQTT 3.1.1" in caplog.text
-        time.sleep(0.3)  # SUBACK
         status = gateway.wait_for(lambda r: r.topic.endswith("/status"))
         assert status.json()["state"] == "online"
         # 3.1.1 carries no Response Topic: the advice goes to the wearer's advice topic.

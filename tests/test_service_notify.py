@@ -4,57 +4,12 @@ daemon runs as `python -m edged run` with NOTIFY_SOCKET and WATCHDOG_USEC set.""
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 from edged.service.broker import PrivateBroker
 from edged.service.notify import Notifier
 from tests._mqtt import DaemonProcess, P, TestClient, daemon_config
-
-
-class FakeSystemd:
-    """Reads sd_notify datagrams all the time, as systemd does, into a list."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._closed.is_set():
-            try:
-                fields = self.sock.recv(4096).decode().split("\n")
-            except (TimeoutError, OSError):
-                continue
-            with self._lock:
-                self.messages.extend(fields)
-
-    def collect(self, seconds: float) -> list[str]:
-        """The messages that arrive within the next `seconds`."""
-        with self._lock:
-            start = len(self.messages)
-        time.sleep(seconds)
-        with self._lock:
-            return self.messages[start:]
-
-    def wait_for(self, field: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while field not in self.messages and time.monotonic() < deadline:
-            self.collect(0.2)
-        assert field in self.messages, f"no {field} within {timeout} s: {self.messages}"
-
-    def close(self) -> None:
-        self._closed.set()
-        self._reader.join(2)
-        self.sock.close()
+from tests._systemd import FakeSystemd
 
 
 def test_ready_watchdog_and_stopping_in_order_and_pings_stop_when_the_worker_wedges(
@@ -71,12 +26,8 @@ def test_ready_watchdog_and_stopping_in_order_and_pings_stop_when_the_worker_wed
         limits={"drain_timeout_s": 1},
     )
     proc = DaemonProcess(config, tmp_path)
-    os.environ["NOTIFY_SOCKET"] = str(systemd.path)
-    os.environ["WATCHDOG_USEC"] = "400000"  # ping every 0.2 s
-    try:
-        proc.start()
-    finally:
-        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    # WatchdogSec=0.4: a ping every 0.2 s.
+    proc.start(NOTIFY_SOCKET=str(systemd.path), WATCHDOG_USEC="400000")
     gateway = TestClient(broker.port, [f"{P}/w1/#"])
     try:
         systemd.wait_for("READY=1", timeout=30)

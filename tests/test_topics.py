@@ -8,15 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edged.mqtt import topics as topics_module
+from edged import domain
+from edged.domain import WEARER_PATTERN, is_valid_wearer, sanitize_node_id
 from edged.mqtt.errors import ErrorCode, ProtocolError
-from edged.mqtt.topics import (
-    WEARER_PATTERN,
-    Inbound,
-    Topics,
-    is_valid_wearer,
-    sanitize_node_id,
-)
+from edged.mqtt.topics import Inbound, Topics
 
 T = Topics(prefix="edged", node="ward3-pi")
 
@@ -196,7 +191,7 @@ def test_sanitize_node_id_always_matches_the_wearer_pattern(name: str) -> None:
 
 
 def test_default_node_is_the_sanitised_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(topics_module.socket, "gethostname", lambda: "ward3.pi.local")
+    monkeypatch.setattr(domain.socket, "gethostname", lambda: "ward3.pi.local")
     assert Topics().node == "ward3-pi-local"
     assert Topics().status() == "edged/v1/_node/ward3-pi-local/status"
 

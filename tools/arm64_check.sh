@@ -243,10 +243,11 @@ in_namespace() {
         set -e
         echo "guest: $(uname -m), $(grep -m1 "CPU part" /proc/cpuinfo), QEMU_CPU=$QEMU_CPU"
         python3 -X faulthandler -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())"
-        cd /src && edged ask --model tests/fixtures/tiny-qwen3-int4 --max-tokens 8 --seed 1 "Is a resting pulse of 118 high?"
+        cd /src && edged ask --model edged/models/tiny-qwen3-int4 --max-tokens 8 --seed 1 "Is a resting pulse of 118 high?"
         echo
         # The README main job: broker, daemon and simulated wearables; exits 1 on a missing reply.
-        edged demo --model tests/fixtures/tiny-qwen3-int4 --seconds 120 >/tmp/demo.log 2>&1 \
+        # Run from / on the installed wheel, without --model: its bundled model is package data.
+        cd / && edged demo --seconds 120 >/tmp/demo.log 2>&1 \
           || { cat /tmp/demo.log; exit 1; }
         echo "edged demo: $(grep -c "^  advice" /tmp/demo.log) advice, $(grep -c "^  alert" /tmp/demo.log) alerts, $(grep -c "^  error" /tmp/demo.log) error"' ;;
     tests)

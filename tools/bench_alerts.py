@@ -29,14 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from edged.config.loader import parse_config
+from edged.models import TINY_QWEN3_INT4
+from edged.service.broker import PrivateBroker
+from edged.service.daemon import Daemon
 
-from edged.config.loader import parse_config  # noqa: E402
-from edged.service.broker import PrivateBroker  # noqa: E402
-from edged.service.daemon import Daemon  # noqa: E402
-
-BUNDLED = REPO / "tests" / "fixtures" / "tiny-qwen3-int4"
+BUNDLED = TINY_QWEN3_INT4
 TARGET_P99_MS = 50.0
 PREFIX = "edged/v1"
 
@@ -177,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         daemon = Daemon(config)
         daemon.start()
-        daemon.transport.wait_connected(10)
-        assert daemon.engine is not None
+        daemon.wait_ready(10)
+        assert daemon.backend is not None, "the model did not load"
+        info = daemon.backend.info
         try:
             idle = _phase(broker.port, args.count, args.rate, "idle")
             stop = threading.Event()
@@ -188,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             loader.start()
             deadline = time.monotonic() + 30
-            while daemon.scheduler.running is None and time.monotonic() < deadline:
+            while not daemon.metrics().running and time.monotonic() < deadline:
                 time.sleep(0.01)
 
             def sample() -> None:
                 while not stop.is_set():
-                    busy_samples.append(daemon.scheduler.running is not None)
+                    busy_samples.append(daemon.metrics().running)
                     time.sleep(0.01)
 
             sampler = threading.Thread(target=sample)
@@ -208,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     busy_fraction = sum(busy_samples) / max(1, len(busy_samples))
     report = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "model": daemon.engine.manifest.name,
-        "threads": daemon.engine.threads,
+        "model": info.name,
+        "threads": info.threads,
         "rate_per_s": args.rate,
         "idle": {
             **_summary(idle["latencies_ms"]),

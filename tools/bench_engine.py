@@ -105,7 +105,6 @@ def rss_mb() -> float:
 
 
 def _run_edged(spec: dict[str, Any]) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO_ROOT))
     from edged.engine import Engine, EngineOptions, GenerationConfig
 
     prompt: list[int] = spec["prompt"]
@@ -315,8 +314,7 @@ def model_dirs(shape_name: str, last_token_logits: bool) -> dict[str, Path]:
 def build_checkpoint(out: Path, shape: dict[str, int]) -> None:
     """A Qwen3 checkpoint of `shape` with random weights and the test tokenizer, built by the
     test-model tool (same seed and init), greedy by default."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import make_test_model
+    import make_test_model  # a sibling script: its directory is on sys.path
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -331,7 +329,6 @@ def prepare_models(shape_name: str, last_token_logits: bool) -> dict[str, Path]:
     """Build (once) the checkpoint and both int4 exports; return their directories."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    sys.path.insert(0, str(REPO_ROOT))
     from edged.engine.manifest import MANIFEST_NAME
     from edged.export import ExportOptions, export_model
 
@@ -426,7 +423,6 @@ def run_worker(
         TOKENIZERS_PARALLELISM="false",
     )
     if engine == "ort-genai":
-        sys.path.insert(0, str(REPO_ROOT))
         from edged.export.genai_builder import ensure_genai_venv, genai_python
 
         python = str(genai_python(ensure_genai_venv()))

@@ -52,11 +52,13 @@ from paho.mqtt.properties import Properties
 
 from edged.config.loader import parse_config
 from edged.engine import GenerationConfig
+from edged.models import TINY_QWEN3_INT4
+from edged.service.answer_store import AnswerStore
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL = REPO_ROOT / "tests" / "fixtures" / "tiny-qwen3-int4"
+BUNDLED_MODEL = TINY_QWEN3_INT4
 
 OVERHEAD_TARGET_MS = 5.0
 OVERHEAD_TARGET_FRACTION = 0.02
@@ -263,7 +265,7 @@ def gateway_worker(port: int, reply_topic: str) -> int:
 
 
 def _direct(daemon: Daemon, text: str, max_tokens: int) -> tuple[float, int]:
-    """The generation `Daemon._run_job` runs for this query, called on the engine itself."""
+    """The generation the daemon's worker runs for this query, called on its backend."""
     m = daemon.config.model
     config = GenerationConfig(
         max_new_tokens=max_tokens,
@@ -275,19 +277,24 @@ def _direct(daemon: Daemon, text: str, max_tokens: int) -> tuple[float, int]:
     )
     messages = [{"role": "system", "content": m.system_prompt}, {"role": "user", "content": text}]
     started = time.perf_counter()
-    result = daemon.engine.chat(messages, config, enable_thinking=m.enable_thinking)
+    assert daemon.backend is not None
+    result = daemon.backend.chat(messages, config, enable_thinking=m.enable_thinking)
     return time.perf_counter() - started, result.completion_tokens
 
 
-def answer_store_put_ms(daemon: Daemon, n: int = 30) -> dict[str, float | int | None]:
+def answer_store_put_ms(state_dir: Path, n: int = 30) -> dict[str, float | int | None]:
     """What writing one final reply to the answered-query store costs (it is on the reply's
-    critical path: stored, durably, before it is published)."""
+    critical path: stored, durably, before it is published), on the daemon's state disk."""
     payload = b"x" * 900  # about an advice payload
     times = []
-    for i in range(n):
-        started = time.perf_counter()
-        daemon.store.put("bench-store", f"s-{uuid.uuid4().hex[:8]}-{i}", "t", payload, None)
-        times.append((time.perf_counter() - started) * 1000)
+    store = AnswerStore(state_dir / "bench-store.sqlite3", 3600)
+    try:
+        for i in range(n):
+            started = time.perf_counter()
+            store.put("bench-store", f"s-{uuid.uuid4().hex[:8]}-{i}", "t", payload, None)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        store.close()
     return summary(times)
 
 
@@ -372,7 +379,7 @@ def bench_latency(
         "mqtt_ms": summary(mqtt_ms),
         "daemon_timing_total_ms": summary(internal_ms),
         "paired_difference_ms": summary(paired_ms),
-        "answer_store_put_ms": answer_store_put_ms(daemon),
+        "answer_store_put_ms": answer_store_put_ms(Path(daemon.config.delivery.state_dir)),
         "overhead_p50_ms": round(overhead, 3),
         "overhead_p50_pct": round(100 * overhead / p50_direct, 2),
         "allowed_ms": round(allowed, 3),
@@ -431,9 +438,10 @@ def bench_vitals(
         path = workdir / f"vitals-q{qos}-{k}.jsonl"
         path.write_bytes(b"".join(lines[k::publishers]))
         files.append(path)
-    counters = daemon.counters
-    base_vitals, base_errors = counters.vitals, counters.errors
-    network_tid = daemon.transport._thread.native_id  # the thread that parses every message
+    base = daemon.metrics().counters
+    base_vitals, base_errors = base.vitals, base.errors
+    # The thread that parses and scores every message.
+    network_tid = next(t.native_id for t in threading.enumerate() if t.name == "mqtt-network")
     cpu_thread_0 = _thread_cpu_s(network_tid)
     cpu_proc_0 = sum(psutil.Process().cpu_times()[:2])
 
@@ -469,7 +477,7 @@ def bench_vitals(
     deadline = started + INGEST_TIMEOUT_S
     while time.perf_counter() < deadline:
         now = time.perf_counter()
-        count = counters.vitals - base_vitals
+        count = daemon.metrics().counters.vitals - base_vitals
         if count != last_count:
             samples.append((now, count))
             last_count, last_change = count, now
@@ -497,6 +505,7 @@ def bench_vitals(
     cpu_thread_1 = _thread_cpu_s(network_tid)
     cpu_proc_1 = sum(psutil.Process().cpu_times()[:2])
 
+    counters = daemon.metrics().counters
     counted = counters.vitals - base_vitals
     first_t, last_t = (samples[0][0], samples[-1][0]) if samples else (started, started)
     span = last_t - first_t
@@ -671,15 +680,18 @@ def main(argv: list[str] | None = None) -> int:
         daemon = Daemon(config)
         daemon.start()
         try:
-            if not daemon.transport.wait_connected(10):
+            if not daemon.wait_ready(10):
                 print("bench_mqtt: the daemon did not connect to the broker", file=sys.stderr)
                 return 1
-            manifest = daemon.engine.manifest
+            if daemon.backend is None:
+                print("bench_mqtt: the model did not load", file=sys.stderr)
+                return 1
+            info = daemon.backend.info
             result["environment"] = {
                 "state_dir": tmp,
-                "model": manifest.name,
-                "quant": manifest.quantization.method,
-                "engine_threads": daemon.engine.threads,
+                "model": info.name,
+                "quant": info.quantization,
+                "engine_threads": info.threads,
                 "cpus": os.cpu_count(),
                 "machine": platform.machine(),
                 "python": platform.python_version(),

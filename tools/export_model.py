@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from edged.export.cli import add_export_arguments, run_export  # noqa: E402
+from edged.export.cli import add_export_arguments, run_export
 
 
 def main(argv: list[str] | None = None) -> int:

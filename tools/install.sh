@@ -34,7 +34,7 @@ if [ -e "$DESTDIR/etc/edged/edged.yaml" ]; then
   say "keeping existing /etc/edged/edged.yaml"
 else
   # The shipped example points at the repository's test model; a real node sets model.path.
-  sed -e "s#^  path: ../tests/fixtures/tiny-qwen3-int4.*#  path: $PREFIX/models/default   \# an exported model directory#" \
+  sed -e "s#^  path: ../edged/models/tiny-qwen3-int4.*#  path: $PREFIX/models/default   \# an exported model directory#" \
     "$here/config/edged.yaml" > "$DESTDIR/etc/edged/edged.yaml"
   chmod 0644 "$DESTDIR/etc/edged/edged.yaml"
   say "wrote /etc/edged/edged.yaml (set model.path and mqtt.*)"

@@ -26,10 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
 
-import make_test_model  # noqa: E402
+import make_test_model  # noqa: E402  (a sibling script: its directory is on sys.path)
 
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "tiny-qwen3-gqa-int4"
 SOURCE_LABEL = "tools/make_gqa_test_model.py"

@@ -7,7 +7,7 @@ tokens, `<think>`/`</think>` as added tokens and a Qwen3-style chat template. Th
 tests of every path of the engine (tokenize, template, prefill, KV cache, int4 kernels, stop
 tokens) in seconds and without any download.
 
-    python tools/make_test_model.py                # regenerates tests/fixtures/tiny-qwen3-int4
+    python tools/make_test_model.py                # regenerates edged/models/tiny-qwen3-int4
     python tools/make_test_model.py --checkpoint-out DIR   # and keeps the HF checkpoint
 """
 
@@ -30,9 +30,7 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures" / "tiny-qwen3-int4"
+DEFAULT_OUT = REPO_ROOT / "edged" / "models" / "tiny-qwen3-int4"
 SEED = 20240521
 BPE_VOCAB = 1019
 """Byte-level BPE size; with the five added tokens the tokenizer has exactly 1024 entries."""

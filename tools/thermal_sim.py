@@ -2,11 +2,12 @@
 """A board's temperature under sustained generation, with and without the governor.
 
 A first-order thermal model (Newton cooling towards ambient plus heating proportional to the
-busy cores) writes the kernel's `thermal_zone0/temp` file in a fake sysfs tree; the real sensor
-code reads it, the real governor policy decides, and the real engine generates, narrowed to
-the cores and paced by the pauses the decision says. Time is accelerated: one real second is
-`--accel` simulated seconds of heating. The fixed run keeps every core busy with no governor,
-for the same duration. Prints JSON:
+busy cores) writes the kernel's `thermal_zone0/temp` file in a fake sysfs tree; the daemon's
+own `GovernorService` reads it with the real sensor code and decides with the real policy, and
+the real engine generates, narrowed to the cores and paced by the pauses the decision says.
+Time is accelerated: one real second is `--accel` simulated seconds, and the governor runs on
+the simulated clock (its dwell and sensor period are the daemon's, in simulated seconds). The
+fixed run keeps every core busy with no governor, for the same duration. Prints JSON:
 
     {"profile": "pi5", "limit_c": 80.0, "governed": {"seconds_above_limit": ..., "tokens": ...,
      "max_temp_c": ...}, "fixed": {...}}
@@ -26,25 +27,25 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from edged.engine import Engine, EngineOptions, GenerationConfig  # noqa: E402
-from edged.governor.policy import (  # noqa: E402
-    PROFILE_BANDS,
-    GovernorInput,
-    GovernorPolicy,
-    decide,
-    pause_after_step,
-)
-from edged.governor.sensors import read_all  # noqa: E402
+from edged.config.models import GovernorConfig
+from edged.domain import BoardProfile
+from edged.engine import Engine, EngineOptions, GenerationConfig
+from edged.governor.policy import GovernorDecision, pause_after_step
+from edged.governor.service import GovernorService
+from edged.models import TINY_QWEN3_INT4
 
 # Where the firmware starts throttling (Raspberry Pi documentation: 80 °C on a Pi 4 and 5).
-THROTTLE_LIMIT_C = {"pi4": 80.0, "pi5": 80.0, "jetson-orin-nano": 99.0, "generic": 95.0}
+THROTTLE_LIMIT_C = {
+    BoardProfile.PI4: 80.0,
+    BoardProfile.PI5: 80.0,
+    BoardProfile.JETSON_ORIN_NANO: 99.0,
+    BoardProfile.GENERIC: 95.0,
+}
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _zone(root: Path, temp_c: float) -> None:
 
 
 def run(
-    engine: Engine, profile: str, seconds: float, accel: float, governed: bool, cores: int
+    engine: Engine, profile: BoardProfile, seconds: float, accel: float, governed: bool, cores: int
 ) -> dict[str, Any]:
     limit = THROTTLE_LIMIT_C[profile]
     # All cores busy settle 15 °C above the throttle limit; one core settles well below it.
@@ -75,68 +76,74 @@ def run(
     (root / "sys/class/thermal/thermal_zone0").mkdir(parents=True)
     (root / "sys/class/thermal/thermal_zone0/type").write_text("cpu-thermal\n")
     _zone(root, model.temp_c)
-    base = PROFILE_BANDS[profile]
-    policy = GovernorPolicy.for_profile(profile, max_threads=cores)
-    policy = GovernorPolicy(
-        bands=type(base)(
-            base.warm_c, base.hot_c, base.critical_c, base.hysteresis_c, base.dwell_s / accel
-        ),
-        max_threads=cores,
-        settings=policy.settings,
-    )
-    engine.set_parallelism(cores)
-    state = None
-    decision = None
-    tokens = 0
-    above = 0.0
-    max_temp = model.temp_c
-    start = last = time.monotonic()
-    ids = engine.render_chat([{"role": "user", "content": "Tell me about my heart."}])
-    cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
+    # The daemon's defaults (sensors every 2 s, its dwell and hysteresis), on this board tree.
+    config = GovernorConfig(enabled=governed, profile=profile, sensor_root=root)
+    start = time.monotonic()
 
-    # The daemon reads its sensors every governor.interval_s (2 s by default), not every step;
-    # reading them every step would also make a fast model's governed run mostly file I/O.
-    read_every = 2.0 / accel
-    last_read = -read_every
+    def sim_now(now: float) -> float:
+        return (now - start) * accel
+
+    governor = GovernorService(config, max_threads=cores, now=0.0)
+    engine.set_parallelism(cores)
+    state = {"last": start, "above": 0.0, "max": model.temp_c, "next_read": 0.0}
+    decision: GovernorDecision = governor.decision
 
     def tick(now: float, busy: bool) -> None:
-        nonlocal last, above, max_temp, state, decision, last_read
-        dt = (now - last) * accel
-        last = now
-        busy_cores = engine.parallelism if busy else 0.0
-        temp = model.step(busy_cores, dt)
-        max_temp = max(max_temp, temp)
+        nonlocal decision
+        dt = (now - state["last"]) * accel
+        state["last"] = now
+        temp = model.step(engine.parallelism if busy else 0.0, dt)
+        state["max"] = max(state["max"], temp)
         if temp > limit:
-            above += dt
-        if now - last_read < read_every:
+            state["above"] += dt
+        if sim_now(now) < state["next_read"]:
             return
-        last_read = now
+        state["next_read"] = sim_now(now) + config.interval_s
         _zone(root, temp)
         if governed:
-            readings = read_all(root)  # the real sensor code on the kernel's file format
-            decision, state = decide(
-                state, GovernorInput(temp_c=readings.temp_c), policy, now * accel
-            )
+            decision = governor.tick(sim_now(now))
             if engine.parallelism != decision.threads:
                 engine.set_parallelism(decision.threads)
 
-    while time.monotonic() - start < seconds:
-        if governed and decision is not None and not decision.model_available:
-            time.sleep(0.05)  # critical: the model is paused, the board cools
-            tick(time.monotonic(), busy=False)
-            continue
+    tokens = _generate_for(engine, seconds, start, governed, lambda: decision, tick)
+    engine.set_parallelism(cores)
+    return {
+        "seconds_above_limit": round(state["above"], 1),
+        "tokens": tokens,
+        "max_temp_c": round(state["max"], 1),
+        "simulated_s": round(seconds * accel),
+    }
 
+
+def _generate_for(
+    engine: Engine,
+    seconds: float,
+    start: float,
+    governed: bool,
+    decision: Callable[[], GovernorDecision],
+    tick: Callable[[float, bool], None],
+) -> int:
+    """Generate back to back until `seconds` have passed, as the daemon's worker would under
+    each decision: paused while critical, a rest after each step in proportion to it."""
+    ids = engine.render_chat([{"role": "user", "content": "Tell me about my heart."}])
+    cfg = GenerationConfig(max_new_tokens=64, ignore_eos=True)
+    tokens = 0
+    while time.monotonic() - start < seconds:
+        if governed and not decision().model_available:
+            time.sleep(0.05)  # critical: the model is paused, the board cools
+            tick(time.monotonic(), False)
+            continue
         step_started: float | None = None
 
         def step(n: int) -> None:
             nonlocal step_started
             now = time.monotonic()
-            tick(now, busy=True)
-            if governed and decision is not None and step_started is not None:
-                pause = pause_after_step(now - step_started, decision.idle_fraction)
+            tick(now, True)
+            if governed and step_started is not None:
+                pause = pause_after_step(now - step_started, decision().idle_fraction)
                 if pause:
                     time.sleep(pause)  # real time: the board cools meanwhile
-                    tick(time.monotonic(), busy=False)
+                    tick(time.monotonic(), False)
             step_started = time.monotonic()
 
         result = engine.generate(
@@ -146,25 +153,19 @@ def run(
             stop_check=lambda: "time" if time.monotonic() - start >= seconds else None,
         )
         tokens += result.completion_tokens
-        if governed and decision is not None and decision.model_available is False:
-            continue
-    engine.set_parallelism(cores)
-    return {
-        "seconds_above_limit": round(above, 1),
-        "tokens": tokens,
-        "max_temp_c": round(max_temp, 1),
-        "simulated_s": round(seconds * accel),
-    }
+    return tokens
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="pi5", choices=sorted(THROTTLE_LIMIT_C))
+    ap.add_argument(
+        "--profile", type=BoardProfile, default=BoardProfile.PI5, choices=list(THROTTLE_LIMIT_C)
+    )
     # The benchmark model (tools/bench_engine.py builds it) decodes at a realistic ~30 ms per
     # token here; the bundled toy model (~1 ms steps) works too, since the duty cycle is a
     # fraction of the step time, but its heat per token is not a real model's.
     bench = Path.home() / ".cache/edged/bench/qwen3-0.6b/gqa-int4-qwen3-0.6b-last-logits"
-    toy = REPO / "tests/fixtures/tiny-qwen3-int4"
+    toy = TINY_QWEN3_INT4
     ap.add_argument("--model", type=Path, default=bench if bench.is_dir() else toy)
     ap.add_argument("--seconds", type=float, default=30.0, help="real seconds per run")
     ap.add_argument("--accel", type=float, default=20.0, help="simulated seconds per second")

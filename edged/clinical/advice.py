@@ -9,12 +9,12 @@ red flag — the deterministic escalation sentence; without a model, the triage 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from edged.clinical.news2 import risk_rank
 from edged.clinical.triage import Triage
 from edged.config.models import ClinicalConfig
-from edged.mqtt.messages import Vitals, VitalStat
-from edged.mqtt.payloads import Triage as TriagePayload
+from edged.domain import Risk, Vitals, VitalStat
 
 # (field, label, unit, which end of the range matters most) in the order a clinician reads them.
 _VITALS = (
@@ -88,9 +88,21 @@ def user_message(question: str, context: str | None) -> str:
     return f"{context}\n\nQuestion: {question}"
 
 
-def triage_payload(triage: Triage) -> TriagePayload:
-    n = triage.news2
-    return TriagePayload(news2=n.score, risk=n.risk, red_flags=triage.flag_names, missing=n.missing)
+@dataclass(frozen=True)
+class GuardedAdvice:
+    """What the wearer is told: the model's text (or the triage's, without a model) with the
+    deterministic parts the guard adds whatever the model wrote."""
+
+    text: str
+    escalation: str | None
+    triage: Triage
+    disclaimer: str
+
+
+def guard(triage: Triage, text: str, cfg: ClinicalConfig) -> GuardedAdvice:
+    """The advice for `text`: the triage always, the escalation sentence when risk or red
+    flags call for it, the configured disclaimer."""
+    return GuardedAdvice(text, escalation(triage, cfg), triage, cfg.disclaimer)
 
 
 def escalation(triage: Triage, cfg: ClinicalConfig) -> str | None:
@@ -99,7 +111,7 @@ def escalation(triage: Triage, cfg: ClinicalConfig) -> str | None:
     severity = triage.severity
     if severity is None:
         return None
-    if risk_rank(triage.news2.risk) >= risk_rank("medium") or triage.red_flags:
+    if risk_rank(triage.news2.risk) >= Risk.MEDIUM.rank or triage.red_flags:
         return cfg.escalation[severity]  # type: ignore[index]
     return None
 

@@ -9,10 +9,8 @@ new triage.
 from __future__ import annotations
 
 import threading
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from edged.clinical.news2 import risk_rank
 from edged.clinical.triage import Triage
@@ -57,10 +55,15 @@ class AlertGate:
     """The per-wearer alert memory, bounded like the vitals state (least recently seen out)."""
 
     def __init__(self, cooldown_s: float, max_wearers: int) -> None:
-        self.cooldown_s = cooldown_s
-        self.max_wearers = max_wearers
         self._memory: OrderedDict[str, AlertMemory] = OrderedDict()
         self._lock = threading.Lock()
+        self.configure(cooldown_s, max_wearers)
+
+    def configure(self, cooldown_s: float, max_wearers: int) -> None:
+        """New limits (a reload); they apply from the next check on."""
+        with self._lock:
+            self.cooldown_s = cooldown_s
+            self.max_wearers = max_wearers
 
     def check(self, wearer: str, triage: Triage, now: float) -> bool:
         """Whether to send an alert for this triage; records the decision."""
@@ -86,21 +89,3 @@ def alert_message(triage: Triage) -> str:
     if n.missing:
         text += f" Partial score: {', '.join(n.missing)} not measured."
     return text[0].upper() + text[1:]
-
-
-def alert_payload(wearer: str, ts: float, triage: Triage) -> dict[str, Any]:
-    n = triage.news2
-    return {
-        "alert_id": uuid.uuid4().hex,
-        "wearer": wearer,
-        "ts": int(ts),
-        "severity": triage.severity,
-        "news2": {
-            "score": n.score,
-            "risk": n.risk,
-            "missing": list(n.missing),
-            "components": dict(n.components),
-        },
-        "red_flags": list(triage.flag_names),
-        "message": alert_message(triage),
-    }

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import TypeAlias
 
+from edged.domain import Risk
+
 PARAMETERS = (
     "resp_rate",
     "spo2",
@@ -47,8 +49,9 @@ PARAMETERS = (
 )
 """The NEWS2 parameters by their vitals field names, in contract v1 (API.md) order."""
 
-RISK_ORDER = ("low", "low_medium", "medium", "high")
+RISK_ORDER: tuple[Risk, ...] = tuple(Risk)
 """Clinical risk names (contract v1), lowest first."""
+_RISK_RANK: dict[str, int] = {risk.value: rank for rank, risk in enumerate(RISK_ORDER)}
 
 MAX_SCORE = 20
 """RCP NEWS2 2017, chart 1: the highest aggregate (3 + 3 + 2 + 3 + 3 + 3 + 3)."""
@@ -292,7 +295,7 @@ class News2Score:
     score: int | None
     """Aggregate (0-20) of the parameters present; None when no parameter was measured
     (`on_oxygen` alone is not a measurement)."""
-    risk: str | None
+    risk: Risk | None
     """low | low_medium | medium | high, from the parameters present only; None with no score."""
     components: dict[str, int] = field(hash=False)
     """Points per parameter present, keyed by vitals field name in `PARAMETERS` order. Holds
@@ -356,16 +359,16 @@ def score_news2(inp: News2Input) -> News2Score:
     return News2Score(score, _risk(score, components), components, tuple(missing), bool(missing))
 
 
-def _risk(score: int, components: dict[str, int]) -> str:
+def _risk(score: int, components: dict[str, int]) -> Risk:
     # RCP NEWS2 2017, chart 3: the aggregate bands take precedence over a red score, so an
     # aggregate of 5 with a 3 in it is medium, not low-medium.
     if score >= HIGH_RISK_FROM:
-        return "high"
+        return Risk.HIGH
     if score >= MEDIUM_RISK_FROM:
-        return "medium"
+        return Risk.MEDIUM
     if any(points >= RED_SCORE for points in components.values()):
-        return "low_medium"
-    return "low"
+        return Risk.LOW_MEDIUM
+    return Risk.LOW
 
 
 def risk_rank(risk: str | None) -> int:
@@ -373,8 +376,8 @@ def risk_rank(risk: str | None) -> int:
     if risk is None:
         return -1
     try:
-        return RISK_ORDER.index(risk)
-    except ValueError:
+        return _RISK_RANK[risk]
+    except KeyError:
         raise ValueError(f"risk = {risk!r} is not one of {', '.join(RISK_ORDER)}") from None
 
 

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict, deque
 
 from edged.clinical.window import WindowAggregate, WindowSummary
-from edged.mqtt.messages import Vitals
+from edged.domain import Vitals
 
 
 class _Wearer:
@@ -28,14 +28,21 @@ class VitalsState:
     def __init__(
         self, window_s: float, max_wearers: int, max_per_wearer: int, ttl_s: float
     ) -> None:
-        self.window_s = window_s
-        self.max_wearers = max_wearers
-        self.max_per_wearer = max_per_wearer
-        self.ttl_s = ttl_s
         # Written by the MQTT thread, read by the worker: one lock, held for microseconds.
         self._lock = threading.Lock()
         self._wearers: OrderedDict[str, _Wearer] = OrderedDict()
         self._last_sweep = 0.0
+        self.configure(window_s, max_wearers, max_per_wearer, ttl_s)
+
+    def configure(
+        self, window_s: float, max_wearers: int, max_per_wearer: int, ttl_s: float
+    ) -> None:
+        """New bounds (a reload); they apply from the next summary on."""
+        with self._lock:
+            self.window_s = window_s
+            self.max_wearers = max_wearers
+            self.max_per_wearer = max_per_wearer
+            self.ttl_s = ttl_s
 
     def add(self, wearer: str, vitals: Vitals, now: float) -> WindowSummary:
         """Record a summary; return what triage needs to know of the window after it."""

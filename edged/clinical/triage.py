@@ -9,20 +9,22 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from edged.clinical.news2 import News2Input, News2Score, max_risk, risk_rank, score_news2
+from edged.clinical.news2 import News2Input, News2Score, risk_rank, score_news2
 from edged.clinical.window import WindowSummary, summarize
 from edged.config.models import RedFlagConfig
-from edged.mqtt.messages import Vitals
+from edged.domain import RedFlagName, Risk, Severity, Vitals
 
+_LOW_MEDIUM = Risk.LOW_MEDIUM.rank
 # Device events that are red flags by themselves; other event names are kept but not flagged.
-EVENT_FLAGS = ("fall", "irregular_rhythm")
+EVENT_FLAGS = (RedFlagName.FALL, RedFlagName.IRREGULAR_RHYTHM)
 
 
 @dataclass(frozen=True)
 class RedFlag:
-    name: str
-    severity: str
+    name: RedFlagName
+    severity: Severity
     detail: str
     """Plain-language reason, with the values: goes to the wearer's own topics, never to logs."""
 
@@ -35,12 +37,13 @@ class Triage:
     """Summaries in the window that this triage is based on."""
 
     @property
-    def severity(self) -> str | None:
+    def severity(self) -> Severity | None:
         """The higher of the NEWS2 risk (when it is not `low`) and the worst red flag."""
-        risk = self.news2.risk if self.news2.risk != "low" else None
-        for flag in self.red_flags:
-            risk = max_risk(risk, flag.severity)
-        return risk
+        candidates: list[str] = [flag.severity for flag in self.red_flags]
+        if self.news2.risk is not None and self.news2.risk != Risk.LOW:
+            candidates.append(self.news2.risk.value)
+        # Every candidate is low_medium or above: a Severity.
+        return cast("Severity | None", max(candidates, key=risk_rank, default=None))
 
     @property
     def flag_names(self) -> tuple[str, ...]:
@@ -49,7 +52,7 @@ class Triage:
     @property
     def alerting(self) -> bool:
         """API.md: an alert is raised at risk low_medium or above, or on any red flag."""
-        return risk_rank(self.news2.risk) >= risk_rank("low_medium") or bool(self.red_flags)
+        return risk_rank(self.news2.risk) >= _LOW_MEDIUM or bool(self.red_flags)
 
 
 def _summary(window: Sequence[Vitals] | WindowSummary) -> WindowSummary:
@@ -83,27 +86,32 @@ def red_flags(window: Sequence[Vitals] | WindowSummary, cfg: RedFlagConfig) -> t
     w = _summary(window)
     flags: list[RedFlag] = []
 
-    def flag(name: str, detail: str) -> None:
+    def flag(name: RedFlagName, detail: str) -> None:
         flags.append(RedFlag(name, cfg.severity(name), detail))
 
     if w.spo2_highest_low is not None and w.spo2_highest_low < cfg.spo2_low_below:
         flag(
-            "spo2_low",
+            RedFlagName.SPO2_LOW,
             f"SpO2 below {cfg.spo2_low_below:g} % in every reading of the window "
             f"(lowest {w.lows['spo2']:g} %)",
         )
     if w.resting_hr_high is not None and w.resting_hr_high > cfg.resting_tachycardia_above:
         flag(
-            "resting_tachycardia",
+            RedFlagName.RESTING_TACHYCARDIA,
             f"heart rate {w.resting_hr_high:g} /min at rest "
             f"(above {cfg.resting_tachycardia_above:g})",
         )
     slowest = w.lows.get("heart_rate")
     if slowest is not None and slowest < cfg.bradycardia_below:
-        flag("bradycardia", f"heart rate {slowest:g} /min (below {cfg.bradycardia_below:g})")
+        flag(
+            RedFlagName.BRADYCARDIA,
+            f"heart rate {slowest:g} /min (below {cfg.bradycardia_below:g})",
+        )
     hottest = w.highs.get("temp_c")
     if hottest is not None and hottest >= cfg.fever_at_or_above:
-        flag("fever", f"temperature {hottest:g} °C (at or above {cfg.fever_at_or_above:g})")
+        flag(
+            RedFlagName.FEVER, f"temperature {hottest:g} °C (at or above {cfg.fever_at_or_above:g})"
+        )
     for name in EVENT_FLAGS:
         if name in w.events:
             flag(name, f"the device reported {name.replace('_', ' ')}")
@@ -111,7 +119,7 @@ def red_flags(window: Sequence[Vitals] | WindowSummary, cfg: RedFlagConfig) -> t
     if rising is not None:
         latest, baseline = rising
         flag(
-            "resting_hr_rising",
+            RedFlagName.RESTING_HR_RISING,
             f"resting heart rate {latest:g} /min against the wearer's own "
             f"baseline of {baseline:g} (+{(latest / baseline - 1) * 100:.0f} %)",
         )

@@ -13,7 +13,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edged.mqtt.messages import Vitals
+from edged.domain import Vitals
 
 NEWS2_NUMERIC = ("resp_rate", "spo2", "systolic_bp", "heart_rate", "temp_c")
 RESTING = ("rest", "sleep")

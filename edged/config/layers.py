@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from edged.config.loader import ConfigError, parse_config, read_yaml
 from edged.config.models import EdgedConfig
+from edged.domain import BoardProfile, default_node_id
 
 FLEET_KEYS = ("defaults", "profiles", "nodes")
-PROFILES = ("pi4", "pi5", "jetson-orin-nano", "generic")
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_KEYS = ("password",)
 
@@ -40,23 +40,23 @@ class Resolved:
     """Line of each key in the config file, by its path (for messages)."""
 
 
-def detect_board(root: Path = Path("/")) -> str:
+def detect_board(root: Path = Path("/")) -> BoardProfile:
     """The profile for this board, from the kernel's device tree and NVIDIA's release file.
     `root` is configurable so tests can point it at a fake tree."""
     if (root / "etc" / "nv_tegra_release").is_file():
-        return "jetson-orin-nano"
+        return BoardProfile.JETSON_ORIN_NANO
     try:
         model = (root / "proc" / "device-tree" / "model").read_bytes().decode(errors="replace")
     except OSError:
-        return "generic"
+        return BoardProfile.GENERIC
     model = model.rstrip("\0")
     if "Raspberry Pi 5" in model:
-        return "pi5"
+        return BoardProfile.PI5
     if "Raspberry Pi 4" in model:
-        return "pi4"
+        return BoardProfile.PI4
     if "NVIDIA Jetson" in model:
-        return "jetson-orin-nano"
-    return "generic"
+        return BoardProfile.JETSON_ORIN_NANO
+    return BoardProfile.GENERIC
 
 
 def _merge(
@@ -185,7 +185,7 @@ def resolve(
     for _, layer in [("fleet", merged), *upper]:
         if isinstance(layer.get("profile"), str):
             chosen = layer["profile"]
-    profile = detect_board(board_root) if chosen == "auto" else chosen
+    profile = str(detect_board(board_root)) if chosen == "auto" else chosen
     if profiles and profile not in profiles:
         raise ConfigError(
             f"{source}: profile {profile!r} is not one of the fleet file's "
@@ -203,11 +203,7 @@ def resolve(
 
 
 def _hostname() -> str:
-    import socket
-
-    from edged.mqtt.topics import sanitize_node_id
-
-    return sanitize_node_id(socket.gethostname())
+    return default_node_id()
 
 
 def render_resolved(resolved: Resolved) -> str:

@@ -6,13 +6,19 @@ fallback. `extra="forbid"` makes a misspelt key an error instead of a silently i
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edged.mqtt.topics import WEARER_PATTERN, sanitize_node_id
+from edged.domain import (
+    SEVERITIES,
+    WEARER_PATTERN,
+    BoardProfile,
+    RedFlagName,
+    Severity,
+    default_node_id,
+)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a health assistant running on a patient's own wearable hub. You see the wearer's "
@@ -22,7 +28,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "emergency services. If you are unsure, say so and advise asking a clinician."
 )
 
-Severity = Literal["low_medium", "medium", "high"]
+BACKEND_TYPES = ("onnxruntime-cpu",)
+"""Inference backends `model.type` can name (edged/engine/backends/, one module each)."""
 
 
 class Section(BaseModel):
@@ -83,6 +90,12 @@ class MqttConfig(Section):
 
 
 class ModelConfig(Section):
+    # One backend today. A second one (CUDA/TensorRT on a Jetson) adds its value here and, if it
+    # has keys of its own, becomes a pydantic discriminated union on `type` (Frigate's detectors).
+    type: Literal["onnxruntime-cpu"] = Field(
+        "onnxruntime-cpu",
+        description="inference backend: onnxruntime-cpu (onnxruntime's CPU execution provider)",
+    )
     path: Path = Field(..., description="edged model directory (see `edged model export`)")
     threads: int = Field(0, ge=0, le=64, description="inference threads; 0 = every usable core")
     prefer_cores: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
@@ -164,7 +177,7 @@ class StatusConfig(Section):
 
 class GovernorConfig(Section):
     enabled: bool = Field(True, description="watch temperature and memory and back off")
-    profile: Literal["auto", "pi4", "pi5", "jetson-orin-nano", "generic"] = Field(
+    profile: Literal["auto"] | BoardProfile = Field(
         "auto", description="whose thermal bands to use; auto = detect the board"
     )
     interval_s: float = Field(2.0, gt=0, le=60, description="how often the sensors are read")
@@ -225,13 +238,13 @@ class GovernorConfig(Section):
 
 def _default_flag_severities() -> dict[str, Severity]:
     return {
-        "spo2_low": "high",
-        "fall": "high",
-        "bradycardia": "high",
-        "resting_tachycardia": "medium",
-        "irregular_rhythm": "medium",
-        "fever": "medium",
-        "resting_hr_rising": "low_medium",
+        RedFlagName.SPO2_LOW: "high",
+        RedFlagName.FALL: "high",
+        RedFlagName.BRADYCARDIA: "high",
+        RedFlagName.RESTING_TACHYCARDIA: "medium",
+        RedFlagName.IRREGULAR_RHYTHM: "medium",
+        RedFlagName.FEVER: "medium",
+        RedFlagName.RESTING_HR_RISING: "low_medium",
     }
 
 
@@ -297,15 +310,7 @@ class RedFlagConfig(Section):
 
     @model_validator(mode="after")
     def _known_flags(self) -> RedFlagConfig:
-        known = {
-            "spo2_low",
-            "fall",
-            "bradycardia",
-            "resting_tachycardia",
-            "irregular_rhythm",
-            "fever",
-            "resting_hr_rising",
-        }
+        known = {flag.value for flag in RedFlagName}
         unknown = sorted(set(self.severities) - known)
         if unknown:
             raise ValueError(
@@ -351,7 +356,7 @@ class ClinicalConfig(Section):
 
     @model_validator(mode="after")
     def _every_level_has_a_sentence(self) -> ClinicalConfig:
-        missing = [lvl for lvl in ("low_medium", "medium", "high") if lvl not in self.escalation]
+        missing = [lvl for lvl in SEVERITIES if lvl not in self.escalation]
         if missing:
             raise ValueError(f"clinical.escalation: no sentence for {', '.join(missing)}")
         return self
@@ -377,7 +382,7 @@ class ServiceConfig(Section):
 
 class EdgedConfig(Section):
     node_id: str = Field(
-        default_factory=lambda: sanitize_node_id(socket.gethostname()),
+        default_factory=default_node_id,
         pattern=WEARER_PATTERN,
         description="this daemon's id in topics; default: the host name, sanitised",
     )

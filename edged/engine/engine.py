@@ -18,6 +18,7 @@ from typing import Any
 
 import onnxruntime as ort
 
+from edged.engine.backend import BackendInfo
 from edged.engine.generate import (
     GenerationConfig,
     GenerationResult,
@@ -267,6 +268,18 @@ class Engine:
     @property
     def parallelism(self) -> int:
         return len(self.cores.cpu_set())
+
+    @property
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.manifest.name,
+            quantization=self.manifest.quantization.method,
+            threads=self.threads,
+            context_length=self.context_length,
+        )
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edged.domain import FinishReason
 from edged.engine.runner import ContextFullError, GrowingKVRunner, KVSnapshot, SharedKVRunner
 from edged.engine.sampling import SamplingParams, select_token
 from edged.engine.text import ReasoningState, find_stop, holdback
@@ -148,28 +149,8 @@ def run_generation(
     if not prompt:
         raise ValueError("the prompt is empty")
     runner.reset()
-    cached = 0
-    if (
-        prefix is not None
-        and len(prompt) > len(prefix.token_ids)
-        and tuple(prompt[: len(prefix.token_ids)]) == prefix.token_ids
-    ):
-        runner.restore(prefix.kv)
-        cached = len(prefix.token_ids)
-    limit = runner.capacity
-    if config.max_context is not None:
-        limit = min(limit, config.max_context)
-    capped = limit < runner.capacity
-    if len(prompt) >= limit:
-        where = (
-            f"the memory cap of {limit} tokens (context_length {runner.capacity})"
-            if capped
-            else f"context_length = {limit}"
-        )
-        raise ContextFullError(
-            f"prompt of {len(prompt)} tokens leaves no room to answer within {where}",
-            capped=capped,
-        )
+    cached = _restore_prefix(runner, prompt, prefix)
+    limit = _context_limit(runner.capacity, len(prompt), config.max_context)
 
     reason = stop_check() if stop_check else None
     if reason is not None:
@@ -177,65 +158,123 @@ def run_generation(
 
     logits = _prefill(runner, prompt[cached:], prefill_chunk)
     prefill_end = time.perf_counter()
-
-    sampling = config.sampling
-    rng = np.random.default_rng(config.seed)
-    context = list(prompt)
-    reasoning = ReasoningState.after_prompt(prompt, *think_ids, config.reasoning_budget)
-    close_block = _close_block_ids(tokenizer, think_ids[1])
-    forced: list[int] = []
-    answer = _AnswerStream(tokenizer, config.stop, on_text)
-    reasoning_ids: list[int] = []
-    generated: list[int] = []
+    loop = _DecodeLoop(tokenizer, config, prompt, eos_ids, think_ids, on_text)
     max_new = min(config.max_new_tokens, limit - len(prompt))
-    finish = "length"
-    first_token_at: float | None = None
-
-    while True:
-        if reasoning.over_budget and not forced:
-            forced = list(close_block)
-        token = forced.pop(0) if forced else select_token(logits, sampling, rng, context)
-        generated.append(token)
-        context.append(token)
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        if token in eos_ids and not config.ignore_eos:
-            finish = "stop"
-            break
-        was_inside = reasoning.inside
-        reasoning.observe(token)
-        if was_inside or reasoning.inside:
-            if reasoning.inside and was_inside:
-                reasoning_ids.append(token)
-        else:
-            answer.push(token)
-            if answer.stopped:
-                finish = "stop"
-                break
-        if len(generated) >= max_new:
-            break
-        reason = stop_check() if stop_check else None
-        if reason is not None:
-            finish = reason
-            break
-        if between_steps is not None:
-            between_steps(len(generated))
-        logits = runner.forward([token])
-
-    text = answer.finish()
-    reasoning_text = tokenizer.decode(reasoning_ids).strip()
+    finish = loop.run(runner, logits, max_new, stop_check, between_steps)
     return _result(
-        text,
-        reasoning_text,
+        loop.answer.finish(),
+        tokenizer.decode(loop.reasoning_ids).strip(),
         finish,
         prompt,
         cached,
-        generated,
+        loop.generated,
         started,
         prefill_end,
-        first_token_at,
+        loop.first_token_at,
         time.perf_counter(),
     )
+
+
+def _restore_prefix(
+    runner: GrowingKVRunner | SharedKVRunner, prompt: list[int], prefix: PrefixEntry | None
+) -> int:
+    """Restore the cached prefix's KV when the prompt starts with it; the tokens it covers."""
+    if (
+        prefix is not None
+        and len(prompt) > len(prefix.token_ids)
+        and tuple(prompt[: len(prefix.token_ids)]) == prefix.token_ids
+    ):
+        runner.restore(prefix.kv)
+        return len(prefix.token_ids)
+    return 0
+
+
+def _context_limit(capacity: int, prompt_tokens: int, max_context: int | None) -> int:
+    """Tokens prompt plus answer may take; ContextFullError when the prompt leaves no room."""
+    limit = capacity if max_context is None else min(capacity, max_context)
+    if prompt_tokens >= limit:
+        capped = limit < capacity
+        where = (
+            f"the memory cap of {limit} tokens (context_length {capacity})"
+            if capped
+            else f"context_length = {limit}"
+        )
+        raise ContextFullError(
+            f"prompt of {prompt_tokens} tokens leaves no room to answer within {where}",
+            capped=capped,
+        )
+    return limit
+
+
+class _DecodeLoop:
+    """One generation's token-by-token state: sampling, the reasoning block, the answer."""
+
+    def __init__(
+        self,
+        tokenizer: ChatTokenizer,
+        config: GenerationConfig,
+        prompt: list[int],
+        eos_ids: frozenset[int],
+        think_ids: tuple[int | None, int | None],
+        on_text: TextCallback | None,
+    ) -> None:
+        self._sampling = config.sampling
+        self._rng = np.random.default_rng(config.seed)
+        self._context = list(prompt)
+        self._eos = frozenset() if config.ignore_eos else eos_ids
+        self._reasoning = ReasoningState.after_prompt(prompt, *think_ids, config.reasoning_budget)
+        self._close_block = _close_block_ids(tokenizer, think_ids[1])
+        self._forced: list[int] = []
+        self.answer = _AnswerStream(tokenizer, config.stop, on_text)
+        self.reasoning_ids: list[int] = []
+        self.generated: list[int] = []
+        self.first_token_at: float | None = None
+
+    def run(
+        self,
+        runner: GrowingKVRunner | SharedKVRunner,
+        logits: np.ndarray,
+        max_new: int,
+        stop_check: StopCheck | None,
+        between_steps: StepHook | None,
+    ) -> str:
+        """Decode until EOS, a stop string, `max_new` tokens or the caller's stop; the reason."""
+        while True:
+            token = self._next_token(logits)
+            if self._accept(token):
+                return FinishReason.STOP
+            if len(self.generated) >= max_new:
+                return FinishReason.LENGTH
+            reason = stop_check() if stop_check else None
+            if reason is not None:
+                return reason
+            if between_steps is not None:
+                between_steps(len(self.generated))
+            logits = runner.forward([token])
+
+    def _next_token(self, logits: np.ndarray) -> int:
+        if self._reasoning.over_budget and not self._forced:
+            self._forced = list(self._close_block)
+        if self._forced:
+            return self._forced.pop(0)
+        return select_token(logits, self._sampling, self._rng, self._context)
+
+    def _accept(self, token: int) -> bool:
+        """Record `token`; True when it ends the answer (EOS or a stop string)."""
+        self.generated.append(token)
+        self._context.append(token)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if token in self._eos:
+            return True
+        was_inside = self._reasoning.inside
+        self._reasoning.observe(token)
+        if was_inside or self._reasoning.inside:
+            if was_inside and self._reasoning.inside:
+                self.reasoning_ids.append(token)
+            return False
+        self.answer.push(token)
+        return self.answer.stopped
 
 
 def _prefill(runner: GrowingKVRunner | SharedKVRunner, ids: list[int], chunk: int) -> np.ndarray:

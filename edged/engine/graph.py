@@ -101,15 +101,48 @@ def inspect_graph(
 ) -> GraphLayout:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
+    _require_io(inputs, outputs, manifest.graph_file)
+    past_names, present_names = _kv_names(inputs, outputs, manifest.graph_file)
+    first = inputs[past_names[0]]
+    kv_heads, head_dim = _kv_shape(first, _genai_decoder(model_dir), manifest.graph_file)
+    gqa = manifest.exporter == "ort-genai" or "position_ids" not in inputs
+    shares = _genai_config(model_dir).get("search", {}).get("past_present_share_buffer")
+    logits_shape = outputs["logits"].shape
+    return GraphLayout(
+        kind="gqa" if gqa else "optimum",
+        num_layers=len(past_names) // 2,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        kv_dtype=_dtype(first.type, first.name),
+        ids_dtype=_dtype(inputs["input_ids"].type, "input_ids"),
+        mask_dtype=_dtype(inputs["attention_mask"].type, "attention_mask"),
+        has_position_ids="position_ids" in inputs,
+        # GroupQueryAttention appends in place when past and present are the same buffer; the
+        # optimum graph concatenates, so it can never share.
+        shared_kv_buffer=gqa and (bool(shares) if shares is not None else True),
+        past_names=past_names,
+        present_names=present_names,
+        logits_name="logits",
+        logits_last_only=manifest.logits == "last"
+        or (len(logits_shape) == 3 and logits_shape[1] == 1),
+    )
+
+
+def _require_io(inputs: dict[str, Any], outputs: dict[str, Any], graph_file: str) -> None:
     for required in ("input_ids", "attention_mask"):
         if required not in inputs:
             raise ModelDirError(
-                f"{manifest.graph_file}: graph has no {required!r} input "
+                f"{graph_file}: graph has no {required!r} input "
                 f"(inputs: {sorted(inputs)}); is this a causal LM exported with past?"
             )
     if "logits" not in outputs:
-        raise ModelDirError(f"{manifest.graph_file}: graph has no 'logits' output")
+        raise ModelDirError(f"{graph_file}: graph has no 'logits' output")
 
+
+def _kv_names(
+    inputs: dict[str, Any], outputs: dict[str, Any], graph_file: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(past input names, present output names), layer by layer, key before value."""
     layers: dict[int, dict[str, str]] = {}
     for name in inputs:
         match = _PAST.match(name)
@@ -117,7 +150,7 @@ def inspect_graph(
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = name
     if not layers or sorted(layers) != list(range(len(layers))):
         raise ModelDirError(
-            f"{manifest.graph_file}: past_key_values.N.key/value inputs missing or not numbered "
+            f"{graph_file}: past_key_values.N.key/value inputs missing or not numbered "
             "0..N-1; export with task text-generation-with-past"
         )
     past_names: list[str] = []
@@ -128,15 +161,16 @@ def inspect_graph(
             present = f"present.{layer}.{part}"
             if past is None or present not in outputs:
                 raise ModelDirError(
-                    f"{manifest.graph_file}: layer {layer} lacks past_key_values.{layer}.{part} "
+                    f"{graph_file}: layer {layer} lacks past_key_values.{layer}.{part} "
                     f"or its output {present}"
                 )
             past_names.append(past)
             present_names.append(present)
+    return tuple(past_names), tuple(present_names)
 
-    first = inputs[past_names[0]]
+
+def _kv_shape(first: Any, genai: dict[str, Any], graph_file: str) -> tuple[int, int]:
     kv_heads, head_dim = first.shape[1], first.shape[3]
-    genai = _genai_decoder(model_dir)
     # The stock onnxruntime-genai builder leaves these symbolic; its config has them.
     if not isinstance(kv_heads, int):
         kv_heads = genai.get("num_key_value_heads")
@@ -144,27 +178,7 @@ def inspect_graph(
         head_dim = genai.get("head_size")
     if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
         raise ModelDirError(
-            f"{manifest.graph_file}: {first.name} shape {first.shape} needs fixed kv_heads and "
+            f"{graph_file}: {first.name} shape {first.shape} needs fixed kv_heads and "
             "head_dim (dimensions 1 and 3)"
         )
-    gqa = manifest.exporter == "ort-genai" or "position_ids" not in inputs
-    shares = _genai_config(model_dir).get("search", {}).get("past_present_share_buffer")
-    logits_shape = outputs["logits"].shape
-    return GraphLayout(
-        kind="gqa" if gqa else "optimum",
-        num_layers=len(layers),
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        kv_dtype=_dtype(first.type, first.name),
-        ids_dtype=_dtype(inputs["input_ids"].type, "input_ids"),
-        mask_dtype=_dtype(inputs["attention_mask"].type, "attention_mask"),
-        has_position_ids="position_ids" in inputs,
-        # GroupQueryAttention appends in place when past and present are the same buffer; the
-        # optimum graph concatenates, so it can never share.
-        shared_kv_buffer=gqa and (bool(shares) if shares is not None else True),
-        past_names=tuple(past_names),
-        present_names=tuple(present_names),
-        logits_name="logits",
-        logits_last_only=manifest.logits == "last"
-        or (len(logits_shape) == 3 and logits_shape[1] == 1),
-    )
+    return kv_heads, head_dim

@@ -363,20 +363,14 @@ def _finish_graph(out: Path) -> None:
         raise GenaiBuildError(f"{out / 'model.onnx'}: no GroupQueryAttention node")
 
 
-def build(opts: Any, workdir: Path) -> Path:
-    """Export `opts.source` (a local HF checkpoint directory) with the onnxruntime-genai builder.
-
-    Uses opts.source, opts.quant ("int4" or "fp32"), opts.context_length (caps the rotary
-    tables and the runtime's KV buffer), opts.last_token_logits (prune the LM head to the last
-    position) and opts.progress. Returns `workdir/genai`, holding model.onnx, model.onnx.data
-    and genai_config.json.
-    """
-    source = Path(str(_opt(opts, "source"))).expanduser()
+def _tied_checkpoint(name: str) -> Path:
+    """The checkpoint directory `name` names, checked to be one the builder can share."""
+    source = Path(name).expanduser()
     if not source.is_dir():
         # A hub id: its snapshot in the hub cache (offline unless the user allows otherwise).
         from .optimum_export import resolve_source
 
-        source = resolve_source(str(_opt(opts, "source")))
+        source = resolve_source(name)
     if not (source / "config.json").is_file():
         raise GenaiBuildError(
             f"source = {str(source)!r}: the ort-genai exporter needs a Hugging Face "
@@ -389,6 +383,18 @@ def build(opts: Any, workdir: Path) -> Path:
             f"{source / 'config.json'}: tie_word_embeddings is false; the ort-genai exporter "
             "here shares the int4 embedding with the LM head and needs a tied model"
         )
+    return source
+
+
+def build(opts: Any, workdir: Path) -> Path:
+    """Export `opts.source` (a local HF checkpoint directory) with the onnxruntime-genai builder.
+
+    Uses opts.source, opts.quant ("int4" or "fp32"), opts.context_length (caps the rotary
+    tables and the runtime's KV buffer), opts.last_token_logits (prune the LM head to the last
+    position) and opts.progress. Returns `workdir/genai`, holding model.onnx, model.onnx.data
+    and genai_config.json.
+    """
+    source = _tied_checkpoint(str(_opt(opts, "source")))
     workdir = Path(workdir)
     out = workdir / "genai"
     if out.exists():

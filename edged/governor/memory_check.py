@@ -15,14 +15,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edged.engine.manifest import ModelDirError
 from edged.governor.sensors import Readings
 
 PREPACK_FACTOR = 1.75
 RUNTIME_MB = 150.0
 
 
-class ModelDoesNotFit(ModelDirError):
+class ModelDoesNotFit(Exception):
     """The model and its KV cache need more memory than this node may use."""
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-STATES = ("nominal", "warm", "hot", "critical")
+from edged.domain import BoardProfile, GovernorState
+
+STATES: tuple[GovernorState, ...] = tuple(GovernorState)
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,18 @@ class ThermalBands:
         if self.hysteresis_c < 0 or self.dwell_s < 0:
             raise ValueError("hysteresis_c and dwell_s must be >= 0")
 
-    def entry(self, state: str) -> float:
-        return {"warm": self.warm_c, "hot": self.hot_c, "critical": self.critical_c}.get(
-            state, float("-inf")
-        )
+    def entry(self, state: GovernorState) -> float:
+        return {
+            GovernorState.WARM: self.warm_c,
+            GovernorState.HOT: self.hot_c,
+            GovernorState.CRITICAL: self.critical_c,
+        }.get(state, float("-inf"))
 
-    def band(self, temp_c: float) -> str:
+    def band(self, temp_c: float) -> GovernorState:
         for state in reversed(STATES[1:]):
             if temp_c >= self.entry(state):
                 return state
-        return "nominal"
+        return GovernorState.NOMINAL
 
 
 # Defaults per board, with a margin below where the firmware itself throttles (the point of the
@@ -58,11 +62,11 @@ class ThermalBands:
 # Jetson Orin modules throttle near 99 °C (NVIDIA Jetson Orin thermal design guide); a generic
 # x86 box is given Intel's usual ~90 °C package limit. Per-board tuning belongs in the fleet
 # config's profiles.
-PROFILE_BANDS: dict[str, ThermalBands] = {
-    "pi4": ThermalBands(warm_c=70.0, hot_c=75.0, critical_c=78.0),
-    "pi5": ThermalBands(warm_c=71.0, hot_c=76.0, critical_c=79.0),
-    "jetson-orin-nano": ThermalBands(warm_c=80.0, hot_c=88.0, critical_c=95.0),
-    "generic": ThermalBands(warm_c=75.0, hot_c=83.0, critical_c=90.0),
+PROFILE_BANDS: dict[BoardProfile, ThermalBands] = {
+    BoardProfile.PI4: ThermalBands(warm_c=70.0, hot_c=75.0, critical_c=78.0),
+    BoardProfile.PI5: ThermalBands(warm_c=71.0, hot_c=76.0, critical_c=79.0),
+    BoardProfile.JETSON_ORIN_NANO: ThermalBands(warm_c=80.0, hot_c=88.0, critical_c=95.0),
+    BoardProfile.GENERIC: ThermalBands(warm_c=75.0, hot_c=83.0, critical_c=90.0),
 }
 
 
@@ -80,25 +84,29 @@ class StateSettings:
 class GovernorPolicy:
     bands: ThermalBands
     max_threads: int
-    settings: dict[str, StateSettings]
+    settings: dict[GovernorState, StateSettings]
     min_headroom_mb: float = 256.0
     shrink_context_below_mb: float = 512.0
     shrunk_context: int = 512
 
     @classmethod
     def for_profile(cls, profile: str, max_threads: int) -> GovernorPolicy:
+        try:
+            bands = PROFILE_BANDS[BoardProfile(profile)]
+        except ValueError:
+            bands = PROFILE_BANDS[BoardProfile.GENERIC]
         return cls(
-            bands=PROFILE_BANDS.get(profile, PROFILE_BANDS["generic"]),
+            bands=bands,
             max_threads=max_threads,
             settings={
-                "nominal": StateSettings(threads=None, idle_fraction=0.0, max_new_tokens=None),
+                GovernorState.NOMINAL: StateSettings(None, idle_fraction=0.0, max_new_tokens=None),
                 # Warm: every core, but a duty cycle; the board sheds heat between steps.
-                "warm": StateSettings(threads=None, idle_fraction=0.2, max_new_tokens=None),
+                GovernorState.WARM: StateSettings(None, idle_fraction=0.2, max_new_tokens=None),
                 # Hot: half the cores, a longer pause and shorter answers.
-                "hot": StateSettings(
+                GovernorState.HOT: StateSettings(
                     threads=max(1, max_threads // 2), idle_fraction=0.35, max_new_tokens=128
                 ),
-                "critical": StateSettings(threads=1, idle_fraction=0.0, max_new_tokens=0),
+                GovernorState.CRITICAL: StateSettings(1, idle_fraction=0.0, max_new_tokens=0),
             },
         )
 
@@ -111,17 +119,25 @@ class GovernorInput:
     firmware_throttling: bool = False
     """The board's own firmware is throttling right now (Raspberry Pi get_throttled)."""
     mem_headroom_mb: float | None = None
+    cpus: int | None = None
+    """CPUs the daemon may use (affinity, reduced by the cgroup CPU quota): a ceiling on
+    threads, so a `CPUQuota=` unit is not oversubscribed. None = unknown."""
 
 
 @dataclass(frozen=True)
-class GovernorState:
-    state: str
+class ThermalState:
+    """The governor's memory between readings: its state and when it was entered."""
+
+    state: GovernorState
     entered_at: float
 
 
 @dataclass(frozen=True)
 class GovernorDecision:
-    state: str
+    """How hard inference may run, until the next reading. One immutable value, published to
+    the worker, the status and the metrics at once."""
+
+    state: GovernorState
     threads: int
     idle_fraction: float
     max_new_tokens: int | None
@@ -132,17 +148,17 @@ class GovernorDecision:
 
 
 def next_state(
-    prev: GovernorState | None, reading: GovernorInput, bands: ThermalBands, now: float
-) -> GovernorState:
-    current = prev.state if prev else "nominal"
+    prev: ThermalState | None, reading: GovernorInput, bands: ThermalBands, now: float
+) -> ThermalState:
+    current = prev.state if prev else GovernorState.NOMINAL
     # No reading is no evidence of cooling: hold the state (but honour the firmware).
     target = current if reading.temp_c is None else bands.band(reading.temp_c)
-    if reading.firmware_throttling and STATES.index(target) < STATES.index("hot"):
-        target = "hot"  # the firmware is already cutting the clock: back off hard
-    if STATES.index(target) > STATES.index(current):
-        return GovernorState(target, now)
+    if reading.firmware_throttling and target.rank < GovernorState.HOT.rank:
+        target = GovernorState.HOT  # the firmware is already cutting the clock: back off hard
+    if target.rank > current.rank:
+        return ThermalState(target, now)
     if target == current or prev is None or reading.temp_c is None:
-        return prev or GovernorState(current, now)
+        return prev or ThermalState(current, now)
     # Cooling: only below the current band's entry minus the hysteresis, after the dwell, and
     # only as far as the hysteresis-shifted temperature allows.
     if reading.temp_c > bands.entry(current) - bands.hysteresis_c:
@@ -150,14 +166,14 @@ def next_state(
     if now - prev.entered_at < bands.dwell_s:
         return prev
     cooler = bands.band(reading.temp_c + bands.hysteresis_c)
-    if STATES.index(cooler) >= STATES.index(current):
+    if cooler.rank >= current.rank:
         return prev
-    return GovernorState(cooler, now)
+    return ThermalState(cooler, now)
 
 
 def decide(
-    prev: GovernorState | None, reading: GovernorInput, policy: GovernorPolicy, now: float
-) -> tuple[GovernorDecision, GovernorState]:
+    prev: ThermalState | None, reading: GovernorInput, policy: GovernorPolicy, now: float
+) -> tuple[GovernorDecision, ThermalState]:
     state = next_state(prev, reading, policy.bands, now)
     settings = policy.settings[state.state]
     headroom = reading.mem_headroom_mb
@@ -168,13 +184,16 @@ def decide(
     reason = f"temperature {temp}, memory headroom {mem}"
     if reading.firmware_throttling:
         reason += ", firmware throttling"
+    ceiling = policy.max_threads if reading.cpus is None else min(policy.max_threads, reading.cpus)
+    if ceiling < policy.max_threads:
+        reason += f", CPU quota {reading.cpus} cores"
     return (
         GovernorDecision(
             state=state.state,
-            threads=min(policy.max_threads, settings.threads or policy.max_threads),
+            threads=max(1, min(ceiling, settings.threads or ceiling)),
             idle_fraction=settings.idle_fraction,
             max_new_tokens=settings.max_new_tokens,
-            model_available=state.state != "critical",
+            model_available=state.state != GovernorState.CRITICAL,
             accept_queries=not short,
             context_cap=policy.shrunk_context if tight else None,
             reason=reason,

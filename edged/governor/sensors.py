@@ -100,8 +100,9 @@ class Readings:
     """Memory charged to the daemon's cgroup."""
     psi_some_avg10: float | None
     """Share of the last 10 s (percent) in which some task stalled on memory."""
-    cpus: int
-    """CPUs the daemon may use: affinity or online CPUs, reduced by the cgroup CPU quota."""
+    cpus: int | None
+    """CPUs the daemon may use: affinity or online CPUs, reduced by the cgroup CPU quota;
+    None when unknown (a fake root with neither)."""
 
     @property
     def mem_headroom_mb(self) -> float | None:
@@ -460,12 +461,12 @@ def _cpu_quota(root: Path) -> float | None:
     return min(known) if known else None
 
 
-def read_cpus(root: Path) -> int:
-    """CPUs the daemon can use, never less than 1.
+def read_cpus(root: Path) -> int | None:
+    """CPUs the daemon can use (at least 1), or None when nothing says.
 
     On the real root that is the scheduler affinity (which already excludes offline CPUs and
-    cpuset restrictions); under a fake root it is the count in cpu/online, or 1 when unknown.
-    A cgroup CPU quota then caps it, rounded up: 1.5 CPUs of quota still runs 2 threads.
+    cpuset restrictions); under a fake root it is the count in cpu/online. A cgroup CPU quota
+    then caps it, rounded up: 1.5 CPUs of quota still runs 2 threads.
     """
     count: int | None = None
     if _is_real_root(root):
@@ -476,11 +477,10 @@ def read_cpus(root: Path) -> int:
     else:
         text = _read_text(root / "sys/devices/system/cpu/online")
         count = _count_cpu_list(text) if text is not None else None
-    count = count or 1
     quota = _cpu_quota(root)
     if quota is not None:
-        count = min(count, math.ceil(quota))
-    return max(1, count)
+        count = min(count or math.ceil(quota), math.ceil(quota))
+    return None if count is None else max(1, count)
 
 
 def read_core_capacities(root: Path) -> dict[int, int]:

@@ -28,11 +28,12 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import datetime, timezone
 from itertools import accumulate
 from typing import Any, NoReturn
 
+from edged.domain import QUERY_ID_PATTERN, Cancel, Priority, Query, Vitals, VitalStat
 from edged.mqtt.errors import ErrorCode, ProtocolError, json_type, show_value
 from edged.mqtt.topics import MAX_TOPIC_CHARS
 
@@ -41,8 +42,7 @@ DEFAULT_MAX_BYTES = 16 * 1024
 MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects accepted; far beyond any v1 message, far below the stack."""
 
-QUERY_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-PRIORITIES = ("normal", "urgent")
+PRIORITIES = tuple(Priority)
 MAX_DEADLINE_S = 86400.0
 """A query deadline longer than a day is a client bug, not a wish: out_of_range."""
 
@@ -271,24 +271,6 @@ def _require_object(obj: Any) -> None:
 # -- query -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
-    id: str
-    """Client-chosen, unique per wearer."""
-    text: str
-    """The wearer's words: PHI, never logged or echoed in errors."""
-    max_tokens: int
-    stream: bool
-    priority: str
-    """`normal` or `urgent` (served first)."""
-    deadline_s: float | None
-    """Seconds from receipt; None: no deadline."""
-    include_vitals: bool
-    reply_to: str | None
-    """The payload's reply topic (for MQTT 3.1.1 clients); not yet checked against the rules
-    of `Topics.reply_allowed`, and a MQTT 5 Response Topic takes precedence."""
-
-
 def parse_query(
     obj: dict[str, Any],
     *,
@@ -321,6 +303,25 @@ def _query_fields(
     max_text_chars: int,
     max_deadline_s: float,
 ) -> Query:
+    # Checked in the order of API.md's field list, so the first bad field is the one named.
+    text = _query_text(obj, max_text_chars)
+    max_tokens = _max_tokens(obj, max_tokens_cap, default_max_tokens)
+    priority = Priority(_enum(obj, "priority", PRIORITIES) or Priority.NORMAL)
+    deadline_s = _deadline(obj, max_deadline_s)
+    reply_to = _reply_to(obj)
+    return Query(
+        id=query_id,
+        text=text,
+        max_tokens=max_tokens,
+        stream=bool(_bool(obj, "stream", False)),
+        priority=priority,
+        deadline_s=deadline_s,
+        include_vitals=bool(_bool(obj, "include_vitals", True)),
+        reply_to=reply_to,
+    )
+
+
+def _query_text(obj: Mapping[str, Any], max_chars: int) -> str:
     # Messages about `text` give its length only: the text is the patient's own words.
     text = obj.get("text")
     if text is None:
@@ -328,67 +329,53 @@ def _query_fields(
     if type(text) is not str:
         _wrong_type("text", "a string", text)
     if not text:
-        _schema(f"text is empty; it must be 1..{max_text_chars} characters", "text")
-    if len(text) > max_text_chars:
-        _schema(f"text is {len(text)} characters; the limit is {max_text_chars}", "text")
+        _schema(f"text is empty; it must be 1..{max_chars} characters", "text")
+    if len(text) > max_chars:
+        _schema(f"text is {len(text)} characters; the limit is {max_chars}", "text")
     _encodable("text", text)
+    return text
 
-    max_tokens = obj.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, max_tokens_cap)
-    else:
-        max_tokens = _whole("max_tokens", max_tokens)
-        if not 1 <= max_tokens <= max_tokens_cap:
-            _outside("max_tokens", max_tokens, 1, max_tokens_cap)
 
-    priority = _enum(obj, "priority", PRIORITIES) or "normal"
+def _max_tokens(obj: Mapping[str, Any], cap: int, default: int) -> int:
+    value = obj.get("max_tokens")
+    if value is None:
+        return min(default, cap)
+    max_tokens = _whole("max_tokens", value)
+    if not 1 <= max_tokens <= cap:
+        _outside("max_tokens", max_tokens, 1, cap)
+    return max_tokens
 
-    deadline_s = obj.get("deadline_s")
-    if deadline_s is not None:
-        if not _is_number(deadline_s):
-            _wrong_type("deadline_s", "a number", deadline_s)
-        if not 0 < deadline_s <= max_deadline_s:
-            raise ProtocolError(
-                ErrorCode.OUT_OF_RANGE,
-                f"deadline_s = {show_value(deadline_s)} must be > 0 and <= {max_deadline_s:g}",
-                "deadline_s",
-            )
-        deadline_s = float(deadline_s)
 
-    reply_to = obj.get("reply_to")
-    if reply_to is not None:
-        if type(reply_to) is not str:
-            _wrong_type("reply_to", "a string", reply_to)
-        if not reply_to:
-            _schema("reply_to is empty; leave it out to reply on the default topic", "reply_to")
-        if len(reply_to) > MAX_TOPIC_CHARS:
-            _schema(
-                f"reply_to is {len(reply_to)} characters; the limit is {MAX_TOPIC_CHARS}",
-                "reply_to",
-            )
-        _encodable("reply_to", reply_to)
+def _deadline(obj: Mapping[str, Any], max_deadline_s: float) -> float | None:
+    value = obj.get("deadline_s")
+    if value is None:
+        return None
+    if not _is_number(value):
+        _wrong_type("deadline_s", "a number", value)
+    if not 0 < value <= max_deadline_s:
+        raise ProtocolError(
+            ErrorCode.OUT_OF_RANGE,
+            f"deadline_s = {show_value(value)} must be > 0 and <= {max_deadline_s:g}",
+            "deadline_s",
+        )
+    return float(value)
 
-    stream = _bool(obj, "stream", False)
-    include_vitals = _bool(obj, "include_vitals", True)
-    return Query(
-        id=query_id,
-        text=text,
-        max_tokens=max_tokens,
-        stream=bool(stream),
-        priority=priority,
-        deadline_s=deadline_s,
-        include_vitals=bool(include_vitals),
-        reply_to=reply_to,
-    )
+
+def _reply_to(obj: Mapping[str, Any]) -> str | None:
+    value = obj.get("reply_to")
+    if value is None:
+        return None
+    if type(value) is not str:
+        _wrong_type("reply_to", "a string", value)
+    if not value:
+        _schema("reply_to is empty; leave it out to reply on the default topic", "reply_to")
+    if len(value) > MAX_TOPIC_CHARS:
+        _schema(f"reply_to is {len(value)} characters; the limit is {MAX_TOPIC_CHARS}", "reply_to")
+    _encodable("reply_to", value)
+    return value
 
 
 # -- cancel ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    id: str
-    """The query to cancel; unknown or finished ids are ignored by the scheduler."""
 
 
 def parse_cancel(obj: dict[str, Any]) -> Cancel:
@@ -397,64 +384,6 @@ def parse_cancel(obj: dict[str, Any]) -> Cancel:
 
 
 # -- vitals ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class VitalStat:
-    """One vital over the window: any of mean, min, max (at least one); a bare number is a mean."""
-
-    mean: float | None = None
-    min: float | None = None
-    max: float | None = None
-
-    @property
-    def worst_low(self) -> float:
-        """The lowest value present (min, else mean, else max): what low-side rules score."""
-        for value in (self.min, self.mean, self.max):
-            if value is not None:
-                return value
-        raise ValueError("VitalStat has no value")
-
-    @property
-    def worst_high(self) -> float:
-        """The highest value present (max, else mean, else min): what high-side rules score."""
-        for value in (self.max, self.mean, self.min):
-            if value is not None:
-                return value
-        raise ValueError("VitalStat has no value")
-
-    @property
-    def central(self) -> float:
-        """The mean, else the midpoint of min and max, else the only value present."""
-        if self.mean is not None:
-            return self.mean
-        if self.min is not None and self.max is not None:
-            return (self.min + self.max) / 2
-        return self.worst_low
-
-
-@dataclass(frozen=True, slots=True)
-class Vitals:
-    """One vitals summary from a wearer's gateway; every vital optional except `ts`."""
-
-    ts: float
-    """When the gateway took the summary, UNIX seconds (an RFC 3339 `ts` is converted)."""
-    window_s: float | None = None
-    heart_rate: VitalStat | None = None
-    spo2: VitalStat | None = None
-    resp_rate: VitalStat | None = None
-    temp_c: VitalStat | None = None
-    systolic_bp: VitalStat | None = None
-    diastolic_bp: VitalStat | None = None
-    hrv_rmssd_ms: VitalStat | None = None
-    steps: VitalStat | None = None
-    """Step count; its values are whole numbers."""
-    activity: str | None = None
-    on_oxygen: bool | None = None
-    spo2_scale: int | None = None
-    consciousness: str | None = None
-    events: tuple[str, ...] = ()
-    """Event names as sent (unknown ones kept, for forward compatibility), in order."""
 
 
 def parse_vitals(obj: dict[str, Any], *, now: float | None = None) -> Vitals:

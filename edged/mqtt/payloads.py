@@ -8,8 +8,12 @@ surprise for a gateway in the field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import uuid
 from typing import Any
+
+from edged.clinical.advice import GuardedAdvice
+from edged.clinical.alerts import alert_message
+from edged.clinical.triage import Triage
 
 
 def encode(payload: dict[str, Any]) -> bytes:
@@ -19,20 +23,14 @@ def encode(payload: dict[str, Any]) -> bytes:
     )
 
 
-@dataclass(frozen=True)
-class Triage:
-    news2: int | None = None
-    risk: str | None = None
-    red_flags: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "news2": self.news2,
-            "risk": self.risk,
-            "red_flags": list(self.red_flags),
-            "missing": list(self.missing),
-        }
+def triage_json(triage: Triage) -> dict[str, Any]:
+    n = triage.news2
+    return {
+        "news2": n.score,
+        "risk": n.risk,
+        "red_flags": list(triage.flag_names),
+        "missing": list(n.missing),
+    }
 
 
 def advice_payload(
@@ -40,9 +38,7 @@ def advice_payload(
     query_id: str,
     wearer: str,
     node: str,
-    text: str,
-    escalation: str | None,
-    triage: Triage,
+    advice: GuardedAdvice,
     finish_reason: str,
     model_name: str | None,
     model_quant: str | None,
@@ -53,15 +49,14 @@ def advice_payload(
     total_ms: float | None,
     threads: int | None,
     governor_state: str | None,
-    disclaimer: str,
 ) -> dict[str, Any]:
     return {
         "id": query_id,
         "wearer": wearer,
         "node": node,
-        "text": text,
-        "escalation": escalation,
-        "triage": triage.to_json(),
+        "text": advice.text,
+        "escalation": advice.escalation,
+        "triage": triage_json(advice.triage),
         "finish_reason": finish_reason,
         "model": {"name": model_name, "quant": model_quant},
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
@@ -71,7 +66,7 @@ def advice_payload(
             "total": _ms(total_ms),
         },
         "governor": {"threads": threads, "state": governor_state},
-        "disclaimer": disclaimer,
+        "disclaimer": advice.disclaimer,
     }
 
 
@@ -101,6 +96,25 @@ def status_payload(
         "decode_tps": round(decode_tps, 2) if decode_tps is not None else None,
         "uptime_s": int(uptime_s),
         "ts": int(ts),
+    }
+
+
+def alert_payload(wearer: str, ts: float, triage: Triage) -> dict[str, Any]:
+    """API.md, Alert. `ts` is the summary's own time: when the condition was measured."""
+    n = triage.news2
+    return {
+        "alert_id": uuid.uuid4().hex,
+        "wearer": wearer,
+        "ts": int(ts),
+        "severity": triage.severity,
+        "news2": {
+            "score": n.score,
+            "risk": n.risk,
+            "missing": list(n.missing),
+            "components": dict(n.components),
+        },
+        "red_flags": list(triage.flag_names),
+        "message": alert_message(triage),
     }
 
 

@@ -10,18 +10,11 @@ wearer's.
 
 from __future__ import annotations
 
-import hashlib
-import re
-import socket
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edged.domain import WEARER_PATTERN, default_node_id, is_valid_wearer
 from edged.mqtt.errors import ErrorCode, ProtocolError, show_value
-
-WEARER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-"""One topic level naming a wearer (patient/device); also the pattern of node ids."""
-_WEARER_RE = re.compile(WEARER_PATTERN)
 
 MAX_TOPIC_CHARS = 1024
 """Longest reply topic accepted (MQTT allows 65535 bytes; no sane client needs more than this)."""
@@ -30,32 +23,6 @@ NODE_LEVEL = "_node"
 InboundKind = Literal["vitals", "query", "cancel"]
 INBOUND_KINDS: tuple[InboundKind, ...] = ("vitals", "query", "cancel")
 _KIND_OF_LEVEL: dict[str, InboundKind] = {kind: kind for kind in INBOUND_KINDS}
-
-_NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def is_valid_wearer(wearer: str) -> bool:
-    # fullmatch: `$` alone would also accept a trailing newline.
-    return _WEARER_RE.fullmatch(wearer) is not None
-
-
-def sanitize_node_id(name: str) -> str:
-    """A host name turned into a valid node id: `ward3.pi.local` -> `ward3-pi-local`.
-
-    Accents are dropped (`bücher` -> `bucher`), every run of other characters becomes one `-`,
-    and the result is cut to 64 characters. A name with nothing usable left becomes
-    `node-<8 hex digits of its sha256>`, so two such hosts still get different ids.
-    """
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    node = _NOT_ID_CHARS.sub("-", ascii_name).strip("-_")[:64].rstrip("-_")
-    if not node:
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        node = f"node-{digest}"
-    return node
-
-
-def default_node_id() -> str:
-    return sanitize_node_id(socket.gethostname())
 
 
 @dataclass(frozen=True)
@@ -111,7 +78,7 @@ class Topics:
             kind = _KIND_OF_LEVEL.get(levels[-1])
             if len(levels) == 2 and kind is not None:
                 wearer = levels[0]
-                if _WEARER_RE.fullmatch(wearer) is None:
+                if not is_valid_wearer(wearer):
                     raise ProtocolError(
                         ErrorCode.INVALID_WEARER,
                         f"wearer {show_value(wearer)} does not match {WEARER_PATTERN}",

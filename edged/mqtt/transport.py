@@ -4,6 +4,10 @@ It knows topics and delivery, not business logic: inbound messages go to one cal
 plain `InboundMessage`s; callers publish bytes and may ask to be told when the broker has
 acknowledged them (which is when the daemon acknowledges the query that caused them).
 
+`connected` means the broker accepted the connection (CONNACK); `ready` means it has also
+acknowledged the subscriptions (SUBACK). Only then is a query published by a gateway sure to
+reach this node, so readiness (systemd's READY=1, the `online` status) waits for `ready`.
+
 Why its own network loop instead of paho's `loop_start()`:
 * reconnect with exponential backoff *and jitter*, so a ward of boards that lost the broker
   together do not hammer it together when it returns;
@@ -88,19 +92,21 @@ class MqttTransport:
         subscriptions: Sequence[tuple[str, int]],
         will: tuple[str, bytes],
         on_message: Callable[[InboundMessage], None],
-        on_connected: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._client_id = client_id
         self._subscriptions = list(subscriptions)
         self._will = will
         self._on_message_cb = on_message
-        self._on_connected_cb = on_connected
+        self._on_ready_cb = on_ready
         self._protocol = mqtt.MQTTv5
         self._client = self._make_client()
         self._connection = 0
         self._connack: ReasonCode | int | None = None
+        self._subscribe_mid: int | None = None
         self._connected = threading.Event()
+        self._ready = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[int, Callable[[], None]] = {}
@@ -113,6 +119,11 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """Connected and subscribed: the broker has acknowledged every subscription."""
+        return self._ready.is_set()
 
     @property
     def alive(self) -> bool:
@@ -128,6 +139,10 @@ class MqttTransport:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until connected *and* subscribed (SUBACK received)."""
+        return self._ready.wait(timeout)
 
     def publish(
         self,
@@ -223,6 +238,7 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.suppress_exceptions = True
         return client
 
@@ -255,6 +271,7 @@ class MqttTransport:
                             self._client_id,
                         )
             self._connected.clear()
+            self._ready.clear()
             if self._stopping.is_set():
                 break
             delay = backoff_delay(
@@ -346,13 +363,39 @@ class MqttTransport:
             self.protocol,
             session,
         )
-        client.subscribe([(topic, qos) for topic, qos in self._subscriptions])
+        # Ready only at the SUBACK: the callback runs on this thread, after this returns, so
+        # the mid is recorded before its acknowledgement can be seen.
+        _, self._subscribe_mid = client.subscribe(list(self._subscriptions))
         self._connected.set()
-        if self._on_connected_cb is not None:
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: object,
+    ) -> None:
+        if mid != self._subscribe_mid:
+            return
+        for (topic, _), code in zip(self._subscriptions, reason_codes, strict=False):
+            if _is_failure(code):
+                # Not a timing problem that waiting would fix: an ACL or a broker limit. Ready
+                # all the same, so what is granted is served; the operator is told what is not.
+                log.error(
+                    "broker %s:%d refused the subscription to %s: %s",
+                    self._cfg.host,
+                    self._cfg.port,
+                    topic,
+                    code,
+                )
+        log.info("subscribed to %d topic filters: ready", len(self._subscriptions))
+        self._ready.set()
+        if self._on_ready_cb is not None:
             try:
-                self._on_connected_cb()
+                self._on_ready_cb()
             except Exception:
-                log.exception("on_connected handler failed")
+                log.exception("on_ready handler failed")
 
     def _on_disconnect(
         self,
@@ -364,6 +407,7 @@ class MqttTransport:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._ready.clear()
         if was_connected and not self._stopping.is_set():
             log.warning(
                 "lost the connection to broker %s:%d (%s); reconnecting",

@@ -1,6 +1,7 @@
 """`edged run`: start the daemon under systemd's eye, stop it gracefully on SIGTERM/SIGINT.
 
-READY=1 goes out only once the model is loaded and the broker connection is up; WATCHDOG=1
+READY=1 goes out only once the model is loaded and the broker has acknowledged the
+subscriptions (or after service.ready_timeout_s without a broker); WATCHDOG=1
 only while `Daemon.healthy()` holds, so a wedged inference thread or a dead MQTT loop gets the
 service restarted by systemd; STOPPING=1 on SIGTERM, before the graceful drain; RELOADING=1
 then READY=1 around a SIGHUP reload.
@@ -25,8 +26,7 @@ _STATUS_EVERY_S = 5.0
 
 
 def _status_line(daemon: Daemon) -> str:
-    connected = "connected" if daemon.transport.connected else "broker unreachable"
-    return f"{daemon.state.value}, governor nominal, queue {len(daemon.scheduler)}, {connected}"
+    return daemon.metrics().status_line()
 
 
 def _reload(daemon: Daemon, load: Callable[[], EdgedConfig], notifier: Notifier) -> None:
@@ -78,7 +78,7 @@ def run_daemon(
     notifier.status("connecting to broker")
     wait_ready = config.service.ready_timeout_s
     started = time.monotonic()
-    while not stop.is_set() and not daemon.transport.wait_connected(0.2):
+    while not stop.is_set() and not daemon.wait_ready(0.2):
         if wait_ready and time.monotonic() - started >= wait_ready:
             break
     if not stop.is_set():

@@ -1,0 +1,2 @@
+"""Inference backends, one module per runtime; `edged.engine.backend.BACKENDS` maps
+`model.type` to them."""

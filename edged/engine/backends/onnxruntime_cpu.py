@@ -1,0 +1,19 @@
+"""`model.type: onnxruntime-cpu`: the onnxruntime engine on the CPU execution provider."""
+
+from __future__ import annotations
+
+from edged.config.models import ModelConfig
+from edged.engine.engine import Engine, EngineOptions
+
+
+def load(config: ModelConfig, preferred_cores: tuple[int, ...]) -> Engine:
+    return Engine.load(
+        config.path,
+        EngineOptions(
+            threads=config.threads,
+            context_length=config.context_length,
+            verify_hashes=config.verify_hashes,
+            spin=config.spin_threads,
+            preferred_cores=preferred_cores,
+        ),
+    )

@@ -1,0 +1,282 @@
+"""The one owner of delivery: queries in flight, the answered store, acknowledgements, expiry.
+
+Everything that decides whether a query is new, a redelivery or answered already, and every
+durable write, happens on one thread (`edged-delivery`), fed by a queue: accepted queries and
+cancels from the network thread, final replies from the worker. Nothing else touches the
+in-flight registry or the store, so no lock spans them and neither the network thread nor the
+decode loop ever waits for an fsync.
+
+Delivery (API.md): a query is acknowledged only after its final reply is stored, published and
+acknowledged by the broker. A redelivery of a query in flight is answered once for every copy;
+one of a query answered already gets the stored reply again, byte-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edged.config.models import EdgedConfig
+from edged.governor.policy import GovernorDecision
+from edged.mqtt.errors import ErrorCode, ProtocolError
+from edged.mqtt.payloads import encode
+from edged.mqtt.transport import AckToken
+from edged.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+from edged.service.answer_store import AnswerStore
+from edged.service.metrics import Counters
+from edged.service.outbox import Outbox
+from edged.service.outcomes import Abandoned, Accept, CancelQuery, FinalReply, Publish, QueryWork
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.05
+"""How often queued deadlines are checked when nothing else happens."""
+_PURGE_EVERY_S = 3600.0
+
+
+@dataclass
+class InFlight:
+    job: Job
+    acks: list[AckToken] = field(default_factory=list)
+    """One per delivery of the query: all are acknowledged with its final reply."""
+
+
+@dataclass(frozen=True)
+class _Forget:
+    jobs: tuple[Job, ...]
+
+
+Command = Accept | CancelQuery | FinalReply | Abandoned | _Forget | None
+
+
+def memory_busy(message: str, query_id: str, interval_s: float) -> ProtocolError:
+    """`busy` for lack of memory: worth a retry after the governor's next two readings."""
+    return ProtocolError(
+        ErrorCode.BUSY, message, id=query_id, retry_after_ms=int(interval_s * 2000)
+    )
+
+
+def deadline_error(job: Job) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.DEADLINE_EXCEEDED, "deadline passed before generation started", id=job.query_id
+    )
+
+
+def admission(decision: GovernorDecision, query_id: str, interval_s: float) -> ProtocolError | None:
+    """Why a new query cannot be taken now, or None."""
+    if not decision.accept_queries:
+        return memory_busy(
+            "memory headroom is too low to take queries right now; retry later",
+            query_id,
+            interval_s,
+        )
+    return None
+
+
+class Delivery:
+    def __init__(
+        self,
+        store: AnswerStore,
+        scheduler: Scheduler,
+        outbox: Outbox,
+        counters: Counters,
+        config: Callable[[], EdgedConfig],
+        decision: Callable[[], GovernorDecision],
+    ) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._outbox = outbox
+        self._counters = counters
+        self._config = config
+        self._decision = decision
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._inflight: dict[tuple[str, str], InFlight] = {}
+        self._accepting = threading.Event()
+        self._accepting.set()
+        self._last_purge = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="edged-delivery", daemon=True)
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, command: Accept | CancelQuery | FinalReply | Abandoned) -> None:
+        self._inbox.put(command)
+
+    def stop_accepting(self) -> None:
+        """Shutdown: queries not yet queued stay unacknowledged at the broker, and so do the
+        queued ones, which are taken back from the scheduler (the running one finishes)."""
+        self._accepting.clear()
+        self._inbox.put(_Forget(tuple(self._scheduler.drain_queued())))
+
+    def close(self, timeout: float) -> None:
+        """Carry out what is queued (the last final reply), then end the thread."""
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- the delivery thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get(timeout=_TICK_S)
+            except queue.Empty:
+                command = _Forget(())
+            if command is None:
+                return
+            try:
+                self._carry_out(command)
+                self._expire_queued()
+                self._purge_now_and_then()
+            except Exception:
+                # A bug here must not stop delivery of everything else; the message concerned
+                # stays unacknowledged and is redelivered on the next connection.
+                log.exception("delivery failed on %s", type(command).__name__)
+
+    def _carry_out(self, command: Command) -> None:
+        if isinstance(command, Accept):
+            self._accept(command)
+        elif isinstance(command, CancelQuery):
+            self._cancel(command)
+        elif isinstance(command, FinalReply):
+            self._final(command)
+        elif isinstance(command, Abandoned):
+            self._inflight.pop(command.job.key, None)  # unacknowledged on purpose
+        elif isinstance(command, _Forget):
+            for job in command.jobs:
+                self._inflight.pop(job.key, None)
+
+    def _accept(self, a: Accept) -> None:
+        key = (a.wearer, a.query.id)
+        running = self._inflight.get(key)
+        if running is not None:
+            running.acks.append(a.ack)  # a redelivery of a query in progress: answer once
+            self._counters.add("duplicates")
+            return
+        stored = self._store.get(a.wearer, a.query.id)
+        if stored is not None:
+            self._counters.add("duplicates")
+            log.info("query %s/%s was answered already: re-sending the stored reply", *key)
+            self._outbox.send(
+                Publish(
+                    stored.topic, stored.payload, correlation=stored.correlation, ack_after=(a.ack,)
+                )
+            )
+            return
+        if not self._accepting.is_set():
+            return  # left unacknowledged: the broker redelivers it to the next start
+        self._queue(a)
+
+    def _queue(self, a: Accept) -> None:
+        cfg = self._config()
+        q = a.query
+        refusal = admission(self._decision(), q.id, cfg.governor.interval_s)
+        if refusal is not None:
+            self._reply_unstored(a.route.topic, a.route.correlation, refusal, [a.ack])
+            return
+        deadline = a.received_at + q.deadline_s if q.deadline_s is not None else None
+        job = Job(
+            a.wearer,
+            q.id,
+            q.priority,
+            q.max_tokens,
+            a.received_at,
+            deadline,
+            work=QueryWork(q, a.route),
+        )
+        try:
+            self._scheduler.submit(job)
+        except QueueFull as full:
+            busy = ProtocolError(
+                ErrorCode.BUSY,
+                f"queue is full ({full.capacity} queries waiting); retry later",
+                id=q.id,
+                retry_after_ms=full.retry_after_ms,
+            )
+            self._reply_unstored(a.route.topic, a.route.correlation, busy, [a.ack])
+            return
+        except SchedulerClosed:
+            return  # stopping: left for redelivery
+        self._inflight[job.key] = InFlight(job, [a.ack])
+        log.info(
+            "query %s/%s queued (%s, max_tokens %d, queue %d)",
+            a.wearer,
+            q.id,
+            q.priority,
+            q.max_tokens,
+            len(self._scheduler),
+        )
+
+    def _cancel(self, c: CancelQuery) -> None:
+        entry = self._inflight.get((c.wearer, c.query_id))
+        if entry is not None and self._scheduler.cancel(entry.job):
+            # Cancelled before generation started: the query's final reply is the error.
+            log.info("query %s/%s ends with cancelled", c.wearer, c.query_id)
+            error = ProtocolError(
+                ErrorCode.CANCELLED, "cancelled before generation started", id=c.query_id
+            )
+            self._final(FinalReply(entry.job, encode(error.payload()), is_error=True))
+        self._outbox.ack(c.ack)
+
+    def _final(self, reply: FinalReply) -> None:
+        """Store (fsync), then publish, then acknowledge every delivery at the broker's PUBACK."""
+        job = reply.job
+        entry = self._inflight.pop(job.key, None)
+        acks = tuple(entry.acks) if entry is not None else ()
+        work: QueryWork = job.work
+        if reply.store and not self._stored(job, work, reply.payload):
+            acks = ()  # published, but never acknowledged without a stored copy
+        self._counters.add("answered")
+        if reply.is_error:
+            self._counters.add("errors")
+        self._outbox.send(
+            Publish(
+                work.route.topic, reply.payload, correlation=work.route.correlation, ack_after=acks
+            )
+        )
+
+    def _stored(self, job: Job, work: QueryWork, payload: bytes) -> bool:
+        try:
+            self._store.put(
+                job.wearer, job.query_id, work.route.topic, payload, work.route.correlation
+            )
+        except sqlite3.Error as exc:
+            log.error(
+                "cannot store the reply to %s/%s (%s): it stays unacknowledged and "
+                "may be generated again after a restart",
+                job.wearer,
+                job.query_id,
+                exc,
+            )
+            return False
+        return True
+
+    def _reply_unstored(
+        self, topic: str, correlation: bytes | None, error: ProtocolError, acks: list[AckToken]
+    ) -> None:
+        """An error that is not the query's answer (`busy`): a retry of the same id is served."""
+        self._counters.add("errors")
+        log.info("query %s ends with %s (not stored)", error.id, error.code.value)
+        self._outbox.send(
+            Publish(topic, encode(error.payload()), correlation=correlation, ack_after=tuple(acks))
+        )
+
+    def _expire_queued(self) -> None:
+        for job in self._scheduler.take_expired():
+            log.info("query %s/%s ends with deadline_exceeded", job.wearer, job.query_id)
+            self._final(FinalReply(job, encode(deadline_error(job).payload()), is_error=True))
+
+    def _purge_now_and_then(self) -> None:
+        if time.monotonic() - self._last_purge > _PURGE_EVERY_S:
+            self._store.purge()
+            self._last_purge = time.monotonic()

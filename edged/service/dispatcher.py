@@ -1,0 +1,63 @@
+"""The network thread's one entry point: an inbound message in, its outcomes carried out.
+
+The handlers decide (pure, `edged.service.handlers`); the Dispatcher does: publishes and
+acknowledgements go to the transport, accepted queries and cancels to the delivery owner,
+counts to the counters. It never waits for inference or for the disk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from edged.clinical.alerts import AlertGate
+from edged.clinical.state import VitalsState
+from edged.config.models import EdgedConfig
+from edged.mqtt.topics import Topics
+from edged.mqtt.transport import InboundMessage
+from edged.service.delivery import Delivery
+from edged.service.handlers import InboundContext, handle
+from edged.service.metrics import Counters
+from edged.service.outbox import Outbox
+from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        topics: Topics,
+        config: Callable[[], EdgedConfig],
+        vitals: VitalsState,
+        alerts: AlertGate,
+        outbox: Outbox,
+        delivery: Delivery,
+        counters: Counters,
+    ) -> None:
+        self._topics = topics
+        self._config = config
+        self._vitals = vitals
+        self._alerts = alerts
+        self._context = InboundContext(topics, config(), vitals, alerts)
+        self._outbox = outbox
+        self._delivery = delivery
+        self._counters = counters
+
+    def on_message(self, msg: InboundMessage) -> None:
+        self._counters.add("received")
+        ctx = self._context
+        config = self._config()
+        if ctx.config is not config:  # a reload swapped the snapshot
+            ctx = self._context = InboundContext(self._topics, config, self._vitals, self._alerts)
+        for outcome in handle(msg, ctx, time.time(), time.monotonic()):
+            self.carry_out(outcome)
+
+    def carry_out(self, outcome: Outcome) -> None:
+        # Most frequent first: every vitals summary is a Count and an Ack.
+        if isinstance(outcome, Count):
+            self._counters.add(outcome.counter, outcome.amount)
+        elif isinstance(outcome, Ack):
+            self._outbox.ack(outcome.token)
+        elif isinstance(outcome, Publish):
+            self._outbox.send(outcome)
+        elif isinstance(outcome, (Accept, CancelQuery)):
+            self._delivery.submit(outcome)

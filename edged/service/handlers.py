@@ -1,0 +1,135 @@
+"""Inbound messages to outcomes: broker -> validate -> (score | hand to delivery).
+
+Each handler takes one message and the state it reads (the config snapshot, the vitals
+windows) and *returns* what should happen — publish this, acknowledge that, accept this query
+— without touching the transport; the Dispatcher carries the outcomes out. Vitals are scored
+here, on the network thread, the moment they arrive: the alert path never waits for the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edged.clinical.alerts import AlertGate
+from edged.clinical.state import VitalsState
+from edged.clinical.triage import assess
+from edged.config.models import EdgedConfig
+from edged.mqtt.errors import ProtocolError
+from edged.mqtt.messages import decode_payload, parse_cancel, parse_query, parse_vitals
+from edged.mqtt.payloads import alert_payload, encode
+from edged.mqtt.routing import error_route, reply_route, unreadable_route
+from edged.mqtt.topics import Topics
+from edged.mqtt.transport import AckToken, InboundMessage
+from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InboundContext:
+    """What the handlers read besides the message (built once per config snapshot)."""
+
+    topics: Topics
+    config: EdgedConfig
+    """The snapshot current when the message arrived."""
+    vitals: VitalsState
+    alerts: AlertGate
+
+
+# Outcomes that carry no data are shared, not built per message (the vitals path is hot).
+_VITALS, _ALERTS, _QUERIES, _ERRORS = (
+    Count("vitals"),
+    Count("alerts"),
+    Count("queries"),
+    Count("errors"),
+)
+
+
+def error_reply(
+    topic: str, error: ProtocolError, correlation: bytes | None, ack: AckToken
+) -> list[Outcome]:
+    """An error reply, and the message it answers acknowledged once the broker has it."""
+    log.info("error %s on %s (field %s)", error.code.value, topic, error.field)
+    payload = encode(error.payload())
+    return [Publish(topic, payload, correlation=correlation, ack_after=(ack,)), _ERRORS]
+
+
+def handle(
+    msg: InboundMessage, ctx: InboundContext, wall_time: float, monotonic: float
+) -> list[Outcome]:
+    """The outcomes of one message received at `wall_time` (time.time(): the vitals window's
+    clock) and `monotonic` (time.monotonic(): deadlines count from there)."""
+    try:
+        inbound = ctx.topics.parse(msg.topic)
+    except ProtocolError as err:
+        return error_reply(ctx.topics.node_error(), err, msg.correlation_data, msg.ack)
+    if inbound.kind == "vitals":
+        return handle_vitals(inbound.wearer, msg, ctx, wall_time)
+    if inbound.kind == "cancel":
+        return handle_cancel(inbound.wearer, msg, ctx)
+    return handle_query(inbound.wearer, msg, ctx, monotonic)
+
+
+def handle_vitals(
+    wearer: str, msg: InboundMessage, ctx: InboundContext, now: float
+) -> list[Outcome]:
+    try:
+        limit = ctx.config.limits.max_message_bytes
+        vitals = parse_vitals(decode_payload(msg.payload, limit), now=now)
+    except ProtocolError as err:
+        return error_reply(ctx.topics.error(wearer), err, msg.correlation_data, msg.ack)
+    summary = ctx.vitals.add(wearer, vitals, now)
+    triage = assess(summary, ctx.config.clinical.red_flags)
+    if not ctx.alerts.check(wearer, triage, now):
+        return [_VITALS, Ack(msg.ack)]
+    log.info("alert for %s: severity %s", wearer, triage.severity)
+    # Acknowledged only once the alert is safe at the broker: a crash in between means the
+    # summary is redelivered and the alert raised again, never lost.
+    alert = encode(alert_payload(wearer, vitals.ts, triage))
+    return [_VITALS, _ALERTS, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
+
+
+def handle_cancel(wearer: str, msg: InboundMessage, ctx: InboundContext) -> list[Outcome]:
+    try:
+        limit = ctx.config.limits.max_message_bytes
+        cancel = parse_cancel(decode_payload(msg.payload, limit))
+    except ProtocolError as err:
+        return error_reply(ctx.topics.error(wearer), err, msg.correlation_data, msg.ack)
+    # The delivery owner cancels (a queued query's final reply is a stored error) and then
+    # acknowledges the cancel; an unknown, running or finished id needs no reply (API.md).
+    return [CancelQuery(wearer, cancel.id, msg.ack)]
+
+
+def handle_query(
+    wearer: str, msg: InboundMessage, ctx: InboundContext, received_at: float
+) -> list[Outcome]:
+    limits = ctx.config.limits
+    allow_foreign = ctx.config.mqtt.allow_foreign_reply_topics
+    corr = msg.correlation_data
+    try:
+        obj = decode_payload(msg.payload, limits.max_message_bytes)
+    except ProtocolError as err:
+        route = unreadable_route(ctx.topics, wearer, msg.response_topic, corr, allow_foreign)
+        return error_reply(route.topic, err, corr, msg.ack)
+    try:
+        query = parse_query(
+            obj,
+            max_tokens_cap=limits.max_tokens_cap,
+            default_max_tokens=limits.default_max_tokens,
+            max_text_chars=limits.max_query_chars,
+        )
+    except ProtocolError as err:
+        raw_reply_to = obj.get("reply_to")
+        route = error_route(
+            ctx.topics, wearer, msg.response_topic, raw_reply_to, corr, allow_foreign
+        )
+        return error_reply(route.topic, err, corr, msg.ack)
+    # Routing after validation: the reply goes where the validated query says.
+    try:
+        route = reply_route(
+            ctx.topics, wearer, msg.response_topic, query.reply_to, corr, allow_foreign
+        )
+    except ProtocolError as err:
+        return error_reply(ctx.topics.error(wearer), err.with_id(query.id), corr, msg.ack)
+    return [_QUERIES, Accept(wearer, query, route, msg.ack, received_at)]

@@ -1,0 +1,93 @@
+"""What the daemon has done and how it is doing, as one immutable snapshot.
+
+Each counting thread (network, delivery, worker) owns its own `Counters` and is its only writer,
+so counting takes no lock on the vitals path; a snapshot adds them up. Everything else a
+snapshot holds is read from its owner's published state (the governor's decision, the
+backend's parallelism, the scheduler's estimates). The retained status topic,
+systemd's STATUS line, the tests and the tools all read `Daemon.metrics()`, never the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from edged.domain import GovernorState, NodeState
+
+
+@dataclass(frozen=True)
+class CounterValues:
+    received: int = 0
+    """Inbound messages of any kind."""
+    vitals: int = 0
+    """Valid vitals summaries."""
+    queries: int = 0
+    """Valid queries (redeliveries included)."""
+    answered: int = 0
+    """Final replies published (advice or error) for accepted queries."""
+    errors: int = 0
+    """Error replies of any kind."""
+    duplicates: int = 0
+    """Redeliveries of queries running, queued or answered."""
+    alerts: int = 0
+    paused_s: float = 0.0
+    """Time inference rested between decode steps (the governor's duty cycle)."""
+
+
+_FIELDS = tuple(f.name for f in fields(CounterValues))
+
+
+class Counters:
+    """The counts of one thread, written by that thread only (no lock); any thread may read
+    them, at worst one count behind."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, float] = dict.fromkeys(_FIELDS, 0)
+
+    def add(self, name: str, amount: float = 1) -> None:
+        self._values[name] += amount
+
+    def values(self) -> dict[str, float]:
+        return dict(self._values)  # the keys never change, so copying is safe meanwhile
+
+
+def total(*owners: Counters) -> CounterValues:
+    summed: dict[str, float] = dict.fromkeys(_FIELDS, 0)  # ints stay ints; paused_s is a float
+    for owner in owners:
+        for name, value in owner.values().items():
+            summed[name] += value
+    return CounterValues(**summed)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    state: NodeState
+    connected: bool
+    """The broker accepted the connection."""
+    ready: bool
+    """Connected and subscribed: queries published now reach this node."""
+    model: str | None
+    quantization: str | None
+    threads: int | None
+    """Cores inference uses now; None without a model."""
+    governor: GovernorState
+    temp_c: float | None
+    mem_available_mb: float | None
+    queue: int
+    """Queries waiting beyond the running one."""
+    running: bool
+    decode_tps: float | None
+    """The scheduler's running estimate; None until a query was answered."""
+    uptime_s: float
+    counters: CounterValues
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    def status_line(self) -> str:
+        """systemd's STATUS= line: what `systemctl status` shows."""
+        threads = f"{self.threads} threads" if self.threads is not None else "no model"
+        link = "ready" if self.ready else "connected" if self.connected else "broker unreachable"
+        return (
+            f"{self.state}, governor {self.governor}, {threads}, queue {self.queue}, {link}, "
+            f"{self.counters.answered} answered"
+        )
