@@ -1,0 +1,120 @@
+"""The durable record of answered queries: byte-identical replays, expiry, restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edged.service.answer_store import AnswerStore
+
+TTL_S = 60.0
+T0 = 1_000.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AnswerStore]:
+    opened = AnswerStore(tmp_path / "state" / "answers.db", ttl_s=TTL_S)
+    yield opened
+    opened.close()
+
+
+def test_a_stored_reply_comes_back_byte_identical(store: AnswerStore) -> None:
+    payload = b'{"id":"q1","text":"SpO\xe2\x82\x82 93 %"}\x00\xff'
+    store.put("w1", "q1", "edged/w1/answer", payload, b"corr-1", now=T0)
+    reply = store.get("w1", "q1", now=T0 + 1)
+    assert reply is not None
+    assert reply.payload == payload
+    assert isinstance(reply.payload, bytes)
+    assert reply.topic == "edged/w1/answer"
+    assert reply.correlation == b"corr-1"
+    assert reply.answered_at == T0
+
+
+def test_a_reply_without_correlation_keeps_none(store: AnswerStore) -> None:
+    store.put("w1", "q1", "t", b"p", None, now=T0)
+    reply = store.get("w1", "q1", now=T0)
+    assert reply is not None
+    assert reply.correlation is None
+
+
+def test_binary_correlation_data_survives_exactly(store: AnswerStore) -> None:
+    correlation = bytes(range(256))
+    store.put("w1", "q1", "t", b"p", correlation, now=T0)
+    reply = store.get("w1", "q1", now=T0)
+    assert reply is not None
+    assert reply.correlation == correlation
+
+
+def test_an_unknown_query_is_not_found(store: AnswerStore) -> None:
+    store.put("w1", "q1", "t", b"p", None, now=T0)
+    assert store.get("w1", "q2", now=T0) is None
+    assert store.get("w2", "q1", now=T0) is None
+
+
+def test_the_same_id_under_two_wearers_is_two_entries(store: AnswerStore) -> None:
+    store.put("w1", "q1", "edged/w1/answer", b"for w1", None, now=T0)
+    store.put("w2", "q1", "edged/w2/answer", b"for w2", None, now=T0)
+    assert len(store) == 2
+    first, second = store.get("w1", "q1", now=T0), store.get("w2", "q1", now=T0)
+    assert first is not None and second is not None
+    assert (first.payload, first.topic) == (b"for w1", "edged/w1/answer")
+    assert (second.payload, second.topic) == (b"for w2", "edged/w2/answer")
+
+
+def test_a_reply_older_than_the_ttl_is_not_returned(store: AnswerStore) -> None:
+    store.put("w1", "q1", "t", b"p", None, now=T0)
+    assert store.get("w1", "q1", now=T0 + TTL_S) is not None
+    assert store.get("w1", "q1", now=T0 + TTL_S + 1) is None
+
+
+def test_purge_deletes_expired_replies_and_counts_them(store: AnswerStore) -> None:
+    store.put("w1", "old1", "t", b"p", None, now=T0)
+    store.put("w2", "old2", "t", b"p", None, now=T0 + 1)
+    store.put("w1", "fresh", "t", b"p", None, now=T0 + 50)
+    assert store.purge(now=T0 + TTL_S + 10) == 2
+    assert len(store) == 1
+    assert store.get("w1", "fresh", now=T0 + 50) is not None
+    assert store.get("w1", "old1", now=T0) is None
+    assert store.purge(now=T0 + TTL_S + 10) == 0
+
+
+def test_a_reply_survives_closing_and_reopening_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "answers.db"
+    first = AnswerStore(path, ttl_s=TTL_S)
+    first.put("w1", "q1", "edged/w1/answer", b"\x01answer", b"c")
+    first.close()
+    reopened = AnswerStore(path, ttl_s=TTL_S)
+    try:
+        reply = reopened.get("w1", "q1")
+        assert reply is not None
+        assert (reply.topic, reply.payload, reply.correlation) == (
+            "edged/w1/answer",
+            b"\x01answer",
+            b"c",
+        )
+        assert len(reopened) == 1
+    finally:
+        reopened.close()
+
+
+def test_len_counts_stored_replies(store: AnswerStore) -> None:
+    assert len(store) == 0
+    for i in range(3):
+        store.put("w1", f"q{i}", "t", b"p", None, now=T0)
+    assert len(store) == 3
+
+
+def test_putting_the_same_key_again_replaces_the_reply(store: AnswerStore) -> None:
+    store.put("w1", "q1", "old/topic", b"old", b"old-corr", now=T0)
+    store.put("w1", "q1", "new/topic", b"new", None, now=T0 + 5)
+    assert len(store) == 1
+    reply = store.get("w1", "q1", now=T0 + 5)
+    assert reply is not None
+    assert (reply.topic, reply.payload, reply.correlation, reply.answered_at) == (
+        "new/topic",
+        b"new",
+        None,
+        T0 + 5,
+    )
