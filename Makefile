@@ -41,9 +41,12 @@ test: $(VENV)/.dev
 arm64-check:
 	tools/arm64_check.sh
 
+# Issue #11's limits: mccabe complexity <= 12 (ruff C901, pyproject.toml) and functions of at most
+# 60 lines with the pipeline's import rules (tests/test_architecture.py).
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check edged tools tests
 	$(VENV)/bin/mypy edged
+	$(PY) -m pytest -q tests/test_architecture.py
 
 bench: $(VENV)/.dev
 	$(PY) tools/bench_engine.py
