@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from edged.config.models import ModelConfig
 from edged.engine.generate import (
     GenerationConfig,
     GenerationResult,
@@ -23,6 +22,9 @@ from edged.engine.generate import (
     TextCallback,
 )
 from edged.engine.tokenizer import Message
+
+if TYPE_CHECKING:  # the engine itself runs without pydantic (edged ask, the benchmarks)
+    from edged.config.models import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from edged.config.models import ModelConfig
+from typing import TYPE_CHECKING
+
 from edged.engine.engine import Engine, EngineOptions
+
+if TYPE_CHECKING:
+    from edged.config.models import ModelConfig
 
 
 def load(config: ModelConfig, preferred_cores: tuple[int, ...]) -> Engine:
