@@ -48,6 +48,7 @@ ADVICE_FIELDS = {
     "timing_ms",
     "governor",
     "disclaimer",
+    "guard",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edged.clinical.contradiction import Contradiction, find_contradiction
 from edged.clinical.news2 import risk_rank
 from edged.clinical.triage import Triage
 from edged.config.models import ClinicalConfig
@@ -40,6 +41,17 @@ def _describe(stats: list[VitalStat], end: str, unit: str) -> str:
     return f"{latest:g}{unit} now, range {low:g}–{high:g}{unit}"
 
 
+def vital_lines(window: Sequence[Vitals]) -> list[tuple[str, str, str]]:
+    """(field, label, description) of each vital in the window, in the block's order: what the
+    prompt's vitals block says about it ("94 % now, lowest 89 %")."""
+    out = []
+    for field, label, unit, end in _VITALS:
+        stats = [s for v in window if (s := getattr(v, field)) is not None]
+        if stats:
+            out.append((field, label, _describe(stats, end, unit)))
+    return out
+
+
 def triage_line(triage: Triage) -> str:
     n = triage.news2
     if n.score is None:
@@ -65,11 +77,7 @@ def vitals_context(
     header = (
         f"The wearer's readings over the last {window_s / 60:.0f} min ({len(window)} summaries):"
     )
-    lines: list[str] = []
-    for field, label, unit, end in _VITALS:
-        stats = [s for v in window if (s := getattr(v, field)) is not None]
-        if stats:
-            lines.append(f"- {label}: {_describe(stats, end, unit)}")
+    lines = [f"- {label}: {text}" for _, label, text in vital_lines(window)]
     if window and window[-1].activity:
         lines.append(f"- activity: {window[-1].activity}")
     if not window:
@@ -97,12 +105,28 @@ class GuardedAdvice:
     escalation: str | None
     triage: Triage
     disclaimer: str
+    contradiction: Contradiction | None = None
+    """Set when the model's text reassured a wearer whom the triage says to escalate; the
+    text then starts with the escalation sentence."""
 
 
 def guard(triage: Triage, text: str, cfg: ClinicalConfig) -> GuardedAdvice:
     """The advice for `text`: the triage always, the escalation sentence when risk or red
-    flags call for it, the configured disclaimer."""
-    return GuardedAdvice(text, escalation(triage, cfg), triage, cfg.disclaimer)
+    flags call for it, the configured disclaimer. When the escalation is due and the text
+    reassures (or understates the risk), the escalation is put first and the advice marked."""
+    due = escalation(triage, cfg)
+    text, found = guard_text(text, due, triage.news2.risk)
+    return GuardedAdvice(text, due, triage, cfg.disclaimer, found)
+
+
+def guard_text(text: str, due: str | None, risk: str | None) -> tuple[str, Contradiction | None]:
+    """The guard's reading of the model's text: when an escalation is `due` and the text
+    reassures or understates `risk`, the escalation goes first. (`edged model eval` applies
+    it to generated answers, so its counts are the daemon's.)"""
+    found = find_contradiction(text, risk) if due is not None else None
+    if found is not None and due is not None:
+        text = f"{due} {text}"
+    return text, found
 
 
 def escalation(triage: Triage, cfg: ClinicalConfig) -> str | None:

@@ -67,7 +67,16 @@ def advice_payload(
         },
         "governor": {"threads": threads, "state": governor_state},
         "disclaimer": advice.disclaimer,
+        "guard": guard_json(advice),
     }
+
+
+def guard_json(advice: GuardedAdvice) -> dict[str, Any]:
+    """What the guard did to the model's text (v1.1 addition; clients that do not know it
+    ignore it): `contradiction` when the text reassured a wearer due an escalation, which was
+    then put first, with the `phrases` that were matched."""
+    found = advice.contradiction
+    return {"contradiction": found is not None, "phrases": list(found.phrases) if found else []}
 
 
 def status_payload(
