@@ -40,6 +40,9 @@ class Quantization:
     """Whether the LM head MatMul was quantized too."""
     embedding: str | None = None
     """How the token embedding is stored: `GatherBlockQuantized` (int4) or `fp32`."""
+    algorithm: str | None = None
+    """How int4 weights were chosen when not by symmetric round-to-nearest: `rtn-asym`, `hqq`,
+    `kquant`, `gptq` (edged.export.quantize.INT4_ALGORITHMS). Written only when set."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,17 @@ class ModelManifest:
     files: dict[str, str] = field(default_factory=dict)
     """Relative path -> sha256 hex of every file of the directory but the manifest."""
     format: str = FORMAT
+    description: str | None = None
+    """What the model is, in a sentence, for people (`edged model info`, the demo); e.g.
+    that a demo model is not a medical model. Written only when set."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["eos_token_ids"] = list(self.eos_token_ids)
+        if self.description is None:
+            del data["description"]  # older manifests, byte-identical
+        if self.quantization.algorithm is None:
+            del data["quantization"]["algorithm"]
         return data
 
     @classmethod
@@ -99,6 +109,7 @@ class ModelManifest:
                 verification=dict(data.get("verification") or {}),
                 tools=dict(data.get("tools") or {}),
                 files=dict(data["files"]),
+                description=data.get("description"),
             )
         except KeyError as exc:
             raise ModelDirError(f"{where}: required key {exc.args[0]!r} is missing") from exc

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .options import EXPORTERS, QUANT_METHODS, ExportError, ExportOptions
+from .options import EXPORTERS, INT4_ALGORITHMS, QUANT_METHODS, ExportError, ExportOptions
 
 log = logging.getLogger(__name__)
 
@@ -16,11 +16,30 @@ EXPORT_EXTRA_HINT = "install the export tools with: pip install 'edged[export]'"
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="HF checkpoint directory (or hub id, with network access)")
+    parser.add_argument(
+        "source",
+        help="HF checkpoint directory, a GGUF file or a directory holding one "
+        "(or a hub id, with network access)",
+    )
     parser.add_argument("output", type=Path, help="edged model directory to write")
     parser.add_argument("--quant", choices=QUANT_METHODS, default="int4", help="default: int4")
     parser.add_argument("--exporter", choices=EXPORTERS, default="optimum", help="default: optimum")
+    parser.add_argument(
+        "--int4-algorithm",
+        choices=INT4_ALGORITHMS,
+        default="rtn",
+        help="how int4 weights are chosen (default: rtn; see README, int4 quality)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="JSONL of dialogues or texts calibrating --int4-algorithm gptq",
+    )
     parser.add_argument("--name", default=None, help="model name (default: output dir name)")
+    parser.add_argument(
+        "--description", default=None, help="a sentence on what the model is, for the manifest"
+    )
     parser.add_argument(
         "--context-length",
         type=int,
@@ -49,7 +68,10 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         output=args.output,
         quant=args.quant,
         exporter=args.exporter,
+        int4_algorithm=args.int4_algorithm,
+        calibration=args.calibration,
         name=args.name,
+        description=args.description,
         context_length=args.context_length,
         verify=args.verify,
         last_token_logits=args.last_token_logits,

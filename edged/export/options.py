@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QUANT_METHODS = ("int4", "int8", "fp32")
+INT4_ALGORITHMS = ("rtn", "rtn-asym", "hqq", "kquant", "gptq")
+"""How int4 weights are chosen (onnxruntime's quantizer): round-to-nearest symmetric (`rtn`,
+the default) or asymmetric, HQQ's half-quadratic optimisation, the k-quant scale search
+(llama.cpp's idea, in onnxruntime's quantizer) or GPTQ with a calibration set. All store the
+same MatMulNBits blocks; `edged model eval` measures what each costs."""
 EXPORTERS = ("optimum", "ort-genai")
 
 
@@ -21,6 +26,10 @@ class ExportOptions:
     """The edged model directory to write; it appears only once every file in it is final."""
     quant: str = "int4"
     """`int4` (MatMulNBits, block 32, LM head and embedding too), `int8` (dynamic) or `fp32`."""
+    int4_algorithm: str = "rtn"
+    """How int4 weights are chosen: one of INT4_ALGORITHMS (`rtn`: symmetric round-to-nearest)."""
+    calibration: Path | None = None
+    """JSONL of dialogues (or {"text"} rows) whose activations calibrate `gptq`."""
     exporter: str = "optimum"
     """`optimum` (this package) or `ort-genai` (edged.export.genai_builder)."""
     name: str | None = None
@@ -35,6 +44,8 @@ class ExportOptions:
     """Show progress bars for the long steps."""
     overwrite: bool = False
     """Replace `output` if it exists and is not empty."""
+    description: str | None = None
+    """A sentence for the manifest saying what the model is (`edged model info` shows it)."""
     source_label: str | None = None
     """What to record as the manifest's `source`; default: `source` itself. Lets a build from a
     temporary checkpoint (the test model) produce the same manifest every time."""
@@ -43,6 +54,23 @@ class ExportOptions:
         object.__setattr__(self, "output", Path(self.output))
         if self.quant not in QUANT_METHODS:
             raise ExportError(f"quant = {self.quant!r} is not one of {', '.join(QUANT_METHODS)}")
+        if self.int4_algorithm not in INT4_ALGORITHMS:
+            raise ExportError(
+                f"int4_algorithm = {self.int4_algorithm!r} is not one of "
+                f"{', '.join(INT4_ALGORITHMS)}"
+            )
+        if self.int4_algorithm == "gptq" and self.calibration is None:
+            raise ExportError("int4_algorithm = 'gptq' needs calibration (a JSONL of dialogues)")
+        if self.quant != "int4" and self.int4_algorithm != "rtn":
+            raise ExportError(
+                f"int4_algorithm = {self.int4_algorithm!r} needs quant = 'int4', not "
+                f"{self.quant!r}"
+            )
+        if self.exporter == "ort-genai" and self.int4_algorithm != "rtn":
+            raise ExportError(
+                f"int4_algorithm = {self.int4_algorithm!r} is for exporter 'optimum'; the "
+                "ort-genai builder quantizes int4 its own way (round-to-nearest)"
+            )
         if self.exporter not in EXPORTERS:
             raise ExportError(f"exporter = {self.exporter!r} is not one of {', '.join(EXPORTERS)}")
         if self.context_length is not None and self.context_length < 1:

@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from edged.engine.manifest import MANIFEST_NAME, ModelManifest, write_manifest
 
 from . import assets, verify
 from . import graph as g
+from .gguf_import import find_gguf
 from .options import ExportError, ExportOptions
 from .progress import Stages
 
@@ -50,20 +51,17 @@ def export_model(opts: ExportOptions) -> ModelManifest:
     _check_output(output, opts.overwrite)
     from transformers import AutoTokenizer
 
-    from .optimum_export import resolve_source
-
-    checkpoint = resolve_source(opts.source)
-    config = _read_config(checkpoint)
-    architecture = _architecture(config, checkpoint)
-    context_length = _context_length(opts, config)
-
+    gguf_file = find_gguf(opts.source)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    steps = _stage_names(opts)
-    stages = Stages(steps, opts.progress)
+    stages = Stages(_stage_names(opts, gguf_file is not None), opts.progress)
     try:
         with tempfile.TemporaryDirectory(prefix="edged-export-") as work:
+            checkpoint, imported = _checkpoint(opts, gguf_file, Path(work), stages)
+            config = _read_config(checkpoint)
+            architecture = _architecture(config, checkpoint)
+            context_length = _context_length(opts, config)
             build = _Build(
                 opts=opts,
                 checkpoint=checkpoint,
@@ -72,13 +70,15 @@ def export_model(opts: ExportOptions) -> ModelManifest:
                 stages=stages,
                 tokenizer=AutoTokenizer.from_pretrained(checkpoint),
             )
+            if imported is not None:
+                build.verification["gguf"] = imported
             if opts.exporter == "ort-genai":
                 _build_genai(build)
             else:
                 _build_optimum(build)
-        with stages.run("assets and manifest"):
-            assets.copy_assets(checkpoint, staging)
-            manifest = _write_manifest(build, architecture, context_length)
+            with stages.run("assets and manifest"):
+                assets.copy_assets(checkpoint, staging)
+                manifest = _write_manifest(build, architecture, context_length)
         _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -90,7 +90,24 @@ def export_model(opts: ExportOptions) -> ModelManifest:
     return manifest
 
 
-def _stage_names(opts: ExportOptions) -> list[str]:
+def _checkpoint(
+    opts: ExportOptions, gguf_file: Path | None, work: Path, stages: Stages
+) -> tuple[Path, dict[str, Any] | None]:
+    """The HF checkpoint to export: the source itself, or one rebuilt from its GGUF."""
+    if gguf_file is None:
+        from .optimum_export import resolve_source
+
+        return resolve_source(opts.source), None
+    from .gguf_import import gguf_to_checkpoint
+
+    with stages.run("import gguf"):
+        summary = gguf_to_checkpoint(gguf_file, work / "from-gguf")
+    return work / "from-gguf", {"file": gguf_file.name, "tensor_types": summary.tensor_types}
+
+
+def _stage_names(opts: ExportOptions, from_gguf: bool = False) -> list[str]:
+    if from_gguf:
+        return ["import gguf", *_stage_names(opts)]
     if opts.exporter == "ort-genai":
         names = ["build (ort-genai)"]
         if opts.verify:
@@ -133,7 +150,12 @@ def _build_optimum(build: _Build) -> None:
     out = build.staging / GRAPH_FILE
     with stages.run(f"quantize {opts.quant}"):
         if opts.quant == "int4":
-            quantize_int4(fp32, out)
+            reader = None
+            if opts.int4_algorithm == "gptq":
+                from .calibration import CalibrationTexts
+
+                reader = CalibrationTexts(fp32, build.tokenizer, opts.calibration)
+            quantize_int4(fp32, out, opts.int4_algorithm, reader)
         elif opts.quant == "int8":
             quantize_int8(fp32, out)
         else:
@@ -183,7 +205,9 @@ def _build_genai(build: _Build) -> None:
             "installation does not have; use exporter = 'optimum'"
         ) from exc
     with build.stages.run("build (ort-genai)"):
-        built = Path(genai_builder.build(build.opts, build.work / "genai"))
+        # The checkpoint, not the source: it may have been rebuilt from a GGUF.
+        opts = replace(build.opts, source=str(build.checkpoint))
+        built = Path(genai_builder.build(opts, build.work / "genai"))
         if not (built / GRAPH_FILE).is_file():
             raise ExportError(f"genai_builder.build returned {built} without {GRAPH_FILE}")
         for path in sorted(built.iterdir()):
@@ -218,6 +242,8 @@ def _write_manifest(build: _Build, architecture: str, context_length: int) -> Mo
     opts = build.opts
     final = g.load_graph(build.staging / GRAPH_FILE)
     quantization = g.describe_quantization(final)
+    if opts.quant == "int4" and opts.int4_algorithm != "rtn":
+        quantization = replace(quantization, algorithm=opts.int4_algorithm)
     if quantization.method != opts.quant:
         raise ExportError(
             f"quant = {opts.quant!r} was asked but the graph holds {quantization.method!r}"
@@ -238,6 +264,7 @@ def _write_manifest(build: _Build, architecture: str, context_length: int) -> Mo
         logits=g.logits_mode(final),
         verification=build.verification,
         tools=tool_versions(),
+        description=opts.description,
     )
     return write_manifest(build.staging, manifest)
 

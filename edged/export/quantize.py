@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from . import graph as g
-from .options import ExportError
+from .options import INT4_ALGORITHMS, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +57,89 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     return count * 4
 
 
-def quantize_int4(src: Path, dst: Path) -> list[Path]:
-    """MatMulNBits int4 (block 32, symmetric, accuracy level 4) incl. LM head and embedding."""
+def _rtn_config(ops: tuple[str, ...], symmetric: bool = True) -> object:
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
-    # It logs every node it skips at INFO: thousands of lines for a real model.
-    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
-    model = onnx.load(str(src))
-    vocab, hidden = g.vocab_and_hidden(model)
-    config = DefaultWeightOnlyQuantConfig(
+    return DefaultWeightOnlyQuantConfig(
         block_size=INT4_BLOCK_SIZE,
-        is_symmetric=True,
+        is_symmetric=symmetric,
         accuracy_level=INT4_ACCURACY_LEVEL,
         quant_format=QuantFormat.QOperator,
-        op_types_to_quantize=("MatMul", "Gather"),
+        op_types_to_quantize=ops,
         # MatMul weights (K, N) in blocks along K; the embedding (vocab, hidden) along hidden,
         # so one token's row dequantizes from its own blocks.
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=4,
     )
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-    quantizer.process()
-    quantized = quantizer.model.model
-    check_int4(quantized, vocab, hidden)
-    return save_model(quantized, dst)
+
+
+def _matmul_config(algorithm: str, calibration: object | None) -> object:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
+    )
+
+    if algorithm == "hqq":
+        return HQQWeightOnlyQuantConfig(
+            block_size=INT4_BLOCK_SIZE, op_types_to_quantize=("MatMul",)
+        )
+    if algorithm == "kquant":
+        return KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+    if algorithm == "gptq":
+        if calibration is None:
+            raise ExportError("int4 algorithm gptq needs calibration data (--calibration FILE)")
+        return GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=calibration,  # type: ignore[arg-type]
+            block_size=INT4_BLOCK_SIZE,
+            op_types_to_quantize=("MatMul",),
+        )
+    return _rtn_config(("MatMul",), symmetric=algorithm == "rtn")
+
+
+def quantize_int4(
+    src: Path, dst: Path, algorithm: str = "rtn", calibration: object | None = None
+) -> list[Path]:
+    """MatMulNBits int4 (block 32, accuracy level 4) incl. LM head, and GatherBlockQuantized
+    (symmetric round-to-nearest) for the embedding. `algorithm`: see INT4_ALGORITHMS;
+    `calibration`: an onnxruntime CalibrationDataReader, for gptq."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if algorithm not in INT4_ALGORITHMS:
+        raise ExportError(
+            f"int4 algorithm {algorithm!r} is not one of {', '.join(INT4_ALGORITHMS)}"
+        )
+    # It logs every node it skips at INFO: thousands of lines for a real model.
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
+    model = onnx.load(str(src))
+    vocab, hidden = g.vocab_and_hidden(model)
+    passes = [_rtn_config(("MatMul", "Gather"))]
+    if algorithm != "rtn":  # the MatMuls their own way, then the embedding as always
+        passes = [_matmul_config(algorithm, calibration), _rtn_config(("Gather",))]
+    for config in passes:
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            block_size=INT4_BLOCK_SIZE,
+            is_symmetric=algorithm in ("rtn", "gptq"),
+            accuracy_level=INT4_ACCURACY_LEVEL,
+            algo_config=config,  # type: ignore[arg-type]
+        )
+        quantizer.process()
+        model = quantizer.model.model
+    _int8_compute(model)
+    check_int4(model, vocab, hidden)
+    return save_model(model, dst)
+
+
+def _int8_compute(model: onnx.ModelProto) -> None:
+    """Every MatMulNBits computes with int8 activations (accuracy level 4): HQQ's quantizer
+    leaves the attribute out, and the default, fp32 compute, decodes several times slower."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and not any(
+            a.name == "accuracy_level" for a in node.attribute
+        ):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", INT4_ACCURACY_LEVEL))
 
 
 def check_int4(model: onnx.ModelProto, vocab: int, hidden: int) -> None:
