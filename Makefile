@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-MODEL  ?= edged/models/tiny-qwen3-int4
+MODEL  ?= edged/models/demo-clinical-int4
 
 .PHONY: demo ask test arm64-check lint bench install install-dev clean
 
@@ -24,13 +24,14 @@ $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-# A private mosquitto, the daemon on the bundled model, simulated wearables (edged demo).
+# A private mosquitto, the daemon on the bundled demo model, simulated wearables (edged demo).
 demo: $(VENV)/.runtime
 	$(VENV)/bin/edged demo --model $(MODEL)
 
-# One question on the terminal, no broker needed.
+# One question on the terminal, grounded in a wearer's vitals as the daemon does; no broker.
 ask: $(VENV)/.runtime
-	$(VENV)/bin/edged ask --model $(MODEL) --max-tokens 48 \
+	$(VENV)/bin/edged ask --model $(MODEL) --max-tokens 120 \
+	  --vitals '{"heart_rate": {"mean": 118, "min": 112, "max": 124}, "spo2": 96, "activity": "rest"}' \
 	  "My smartwatch says my resting heart rate is 118. Should I worry?"
 
 test: $(VENV)/.dev

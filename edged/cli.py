@@ -84,6 +84,14 @@ def _add_ask_parser(sub: Any) -> None:
     ask = sub.add_parser("ask", help="answer one question on the terminal, streaming")
     _add_engine_arguments(ask)
     ask.add_argument("question", help="the question")
+    ask.add_argument(
+        "--vitals",
+        default=None,
+        metavar="JSON",
+        help="the wearer's vitals: one summary or a list, as on the MQTT vitals topic "
+        '(e.g. \'{"spo2": 89, "resp_rate": 24}\'; ts optional): the prompt gets the daemon\'s '
+        "vitals block and triage, and the triage and escalation are printed",
+    )
     ask.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt")
     ask.add_argument("--max-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -124,6 +132,7 @@ def _add_model_parser(sub: Any) -> None:
     info = model_sub.add_parser("info", help="print a model directory's manifest and layout")
     info.add_argument("model_dir", type=Path)
     info.add_argument("--json", action="store_true")
+    _add_eval_parser(model_sub)
     export = model_sub.add_parser("export", help="Hugging Face checkpoint -> edged model directory")
     try:
         from edged.export.cli import add_export_arguments
@@ -131,6 +140,31 @@ def _add_model_parser(sub: Any) -> None:
         export.add_argument("args", nargs=argparse.REMAINDER)
     else:
         add_export_arguments(export)
+
+
+def _add_eval_parser(model_sub: Any) -> None:
+    ev = model_sub.add_parser(
+        "eval", help="perplexity, multiple choice, agreement and answer checks for a model dir"
+    )
+    ev.add_argument("model_dir", type=Path)
+    ev.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=None,
+        help="JSONL of dialogues, MCQ items or texts (repeatable; default: the bundled set)",
+    )
+    ev.add_argument("--reference", type=Path, default=None, help="model dir to compare with")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many rows per file")
+    ev.add_argument(
+        "--no-generate",
+        dest="generate",
+        action="store_false",
+        help="skip generating answers to dialogues (scores only)",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=160)
+    ev.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
+    ev.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
 
 
 def _setup_logging(verbosity: int, command: str) -> None:
@@ -167,7 +201,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         reasoning_budget=args.reasoning_budget,
     )
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.question})
+    question, grounding = args.question, None
+    if args.vitals is not None:
+        question, grounding = _grounded_question(args.question, args.vitals, engine)
+    messages.append({"role": "user", "content": question})
 
     def show(delta: str) -> None:
         sys.stdout.write(delta)
@@ -175,6 +212,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     result = engine.chat(messages, config, enable_thinking=args.think, on_text=show)
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the answer before the notes on stderr, also when both are piped
+    if grounding is not None:
+        print(_guard_note(result.text, *grounding), file=sys.stderr)
     t = result.timing
     print(
         f"[{result.finish_reason}] prompt {result.prompt_tokens} tok, answer "
@@ -197,6 +237,49 @@ def cmd_ask(args: argparse.Namespace) -> int:
             )
         )
     return EXIT_OK
+
+
+def _grounded_question(question: str, vitals_json: str, engine: Any) -> tuple[str, tuple[Any, Any]]:
+    """The user turn the daemon would build from these vitals, and (triage, clinical config)
+    for the guard."""
+    import time
+
+    from edged.clinical.advice import user_message, vitals_context
+    from edged.clinical.triage import assess
+    from edged.config.models import ClinicalConfig
+    from edged.mqtt.errors import ProtocolError
+    from edged.mqtt.messages import parse_vitals
+
+    try:
+        data = json.loads(vitals_json)
+        summaries = data if isinstance(data, list) else [data]
+        now = time.time()
+        window = [parse_vitals({"ts": now, **s}, now=now) for s in summaries]
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"--vitals is not a JSON object or list of objects: {exc}") from None
+    except ProtocolError as exc:
+        raise ValueError(f"--vitals: {exc.message}") from None
+    cfg = ClinicalConfig()
+    triage = assess(window, cfg.red_flags)
+    block = vitals_context(
+        window, triage, cfg.window_s, engine.count_tokens, cfg.vitals_prompt_tokens
+    )
+    return user_message(question, block), (triage, cfg)
+
+
+def _guard_note(answer: str, triage: Any, cfg: Any) -> str:
+    """What the daemon's guard adds to this answer: the triage, the escalation when due, and
+    whether the answer contradicted the triage (the daemon then puts the escalation first)."""
+    from edged.clinical.advice import guard, triage_line
+
+    guarded = guard(triage, answer, cfg)
+    note = f"triage: {triage_line(triage)}"
+    if guarded.contradiction is not None:
+        phrases = ", ".join(repr(p) for p in guarded.contradiction.phrases)
+        note += f"\nguard: the answer contradicts the triage ({phrases}): escalation first"
+    if guarded.escalation:
+        note += f"\nescalation (attached by the daemon's guard): {guarded.escalation}"
+    return note
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -228,6 +311,8 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     m = manifest
     q = m.quantization
     print(f"name:          {m.name}")
+    if m.description:
+        print(f"description:   {m.description}")
     print(f"source:        {m.source}")
     print(f"architecture:  {m.architecture} (exporter: {m.exporter})")
     print(
@@ -255,6 +340,29 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     for rel, size in sorted(sizes.items()):
         print(f"  {rel:<28} {size / 2**20:9.2f} MB  sha256 {m.files[rel][:16]}…")
     print(f"integrity:     {integrity}")
+    return EXIT_OK
+
+
+def cmd_model_eval(args: argparse.Namespace) -> int:
+    from edged.engine import Engine, EngineOptions
+    from edged.eval import datasets
+    from edged.eval.harness import EvalOptions, run
+    from edged.eval.table import render
+
+    files = args.data or list(datasets.DEFAULT_FILES)
+    try:
+        rows = [r for path in files for r in datasets.load([path])[: args.limit]]
+    except datasets.EvalDataError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    options = EngineOptions(threads=args.threads, context_length=2048)
+    engine = Engine.load(args.model_dir, options)
+    reference = Engine.load(args.reference, options) if args.reference else None
+    opts = EvalOptions(generate=args.generate, max_new_tokens=args.max_new_tokens)
+    report = run(engine, rows, files, reference, opts, progress=True)
+    print(render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return EXIT_OK
 
 
@@ -331,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "demo": cmd_demo,
         "config": cmd_config,
-        "model": lambda a: {"info": cmd_model_info, "export": cmd_model_export}[a.model_command](a),
+        "model": lambda a: {
+            "info": cmd_model_info,
+            "export": cmd_model_export,
+            "eval": cmd_model_eval,
+        }[a.model_command](a),
     }
     try:
         return int(handlers[args.command](args))

@@ -1,11 +1,12 @@
 """`edged demo`: everything on this machine, for a first look.
 
-Starts a private mosquitto on a free localhost port, the daemon on the bundled test model, and
+Starts a private mosquitto on a free localhost port, the daemon on the bundled demo model, and
 a few simulated wearables: one with normal vitals, one whose SpO2 falls, a handful of questions
 (one streamed, one malformed). Prints what comes back, then stops what it started.
 
-The bundled model has random weights: its answers are gibberish by design (it is a few hundred
-KB). Export a real model with `edged model export` and pass `--model` to read real advice.
+The bundled demo model was trained here on synthetic dialogues (tools/train_demo_model.py): its
+answers read as advice and quote the wearer's numbers, but it is not a medical model, and the
+demo says so. Export a real model with `edged model export` and pass `--model` for real advice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import queue
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edged.config.loader import parse_config
+from edged.engine.manifest import read_manifest
 from edged.models import DEMO_MODEL
 from edged.service.broker import BrokerError, PrivateBroker
 from edged.service.daemon import Daemon
@@ -55,6 +58,7 @@ def run_demo(model: Path | None, seconds: float) -> int:
         print(f"edged demo: no model at {model}; pass --model DIR", file=sys.stderr)
         return 1
     logging.getLogger("edged").setLevel(logging.WARNING)
+    description = read_manifest(model).description
     try:
         broker = PrivateBroker()
     except BrokerError as exc:
@@ -62,12 +66,14 @@ def run_demo(model: Path | None, seconds: float) -> int:
         return 1
     with broker, tempfile.TemporaryDirectory(prefix="edged-demo-") as state:
         print(f"broker:  mosquitto on 127.0.0.1:{broker.port} (private, stopped at the end)")
+        if description:
+            print(f"model:   {description}")
         config = parse_config(
             {
                 "node_id": "demo-node",
                 "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": PREFIX},
                 "model": {"path": str(model), "context_length": 1024},
-                "limits": {"default_max_tokens": 40},
+                "limits": {"default_max_tokens": 160},
                 "delivery": {"state_dir": state},
             }
         )
@@ -85,7 +91,14 @@ def run_demo(model: Path | None, seconds: float) -> int:
         if not daemon.wait_ready(10):
             print("daemon:  not subscribed at the broker within 10 s", file=sys.stderr)
         try:
-            return _scenario(broker.port, seconds)
+            status = _scenario(broker.port, seconds)
+            print(
+                f"\nAbout the model: {description}"
+                if description
+                else "\nThis model's manifest has no description; export a real model with "
+                "`edged model export` and pass --model to read real advice."
+            )
+            return status
         finally:
             daemon.stop()
             print("stopped: daemon and broker")
@@ -164,21 +177,8 @@ def _print_replies(
             chunks += 1
         elif kind == "advice":
             pending.discard(body["id"])
-            text = body["text"].replace("\n", " ")
-            _say(
-                "advice",
-                f"{body['wearer']} {body['id']}: [{body['finish_reason']}, "
-                f"{body['usage']['completion_tokens']} tokens, {body['timing_ms']['total']} ms]"
-                f" {text[:60]!r}{'…' if len(text) > 60 else ''}",
-            )
-            _say(
-                "",
-                f"triage: NEWS2 {body['triage']['news2']}, risk {body['triage']['risk']}"
-                + (f"; escalation: {body['escalation']}" if body["escalation"] else ""),
-            )
-            if chunks:
-                _say("", f"(and {chunks} stream chunks before it)")
-                chunks = 0
+            _show_advice(body, chunks)
+            chunks = 0
         elif kind == "alert":
             _say("alert", f"{body['wearer']}: {body['severity']}: {body['message']}")
         elif kind == "error":
@@ -192,8 +192,23 @@ def _print_replies(
     if pending:
         print(f"no reply within {seconds:.0f} s for: {', '.join(sorted(pending))}", file=sys.stderr)
         return 1
-    print(
-        "\nThe test model's weights are random, so its text is noise; export a real model "
-        "with `edged model export` and pass --model."
-    )
     return 0
+
+
+def _show_advice(body: dict[str, Any], chunks: int) -> None:
+    _say(
+        "advice",
+        f"{body['wearer']} {body['id']}: [{body['finish_reason']}, "
+        f"{body['usage']['completion_tokens']} tokens, {body['timing_ms']['total']} ms]",
+    )
+    for line in textwrap.wrap(body["text"].replace("\n", " "), width=88):
+        _say("", line)
+    _say(
+        "",
+        f"triage: NEWS2 {body['triage']['news2']}, risk {body['triage']['risk']}"
+        + (f"; escalation: {body['escalation']}" if body["escalation"] else ""),
+    )
+    if body.get("guard", {}).get("contradiction"):
+        _say("", "guard: the text contradicted the triage; the escalation was put first")
+    if chunks:
+        _say("", f"(and {chunks} stream chunks before it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -25,13 +26,25 @@ def export_deps_missing() -> str | None:
     return None
 
 
-def make_test_model() -> ModuleType:
-    """tools/make_test_model.py as a module (tools/ is not a package)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = REPO_ROOT / "tools" / "make_test_model.py"
-    spec = importlib.util.spec_from_file_location("make_test_model", path)
+def load_tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (tools/ is not a package; its scripts import each other as
+    siblings, so tools/ is put on the path as a script's own directory would be)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    tools = str(REPO_ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.append(tools)
+    path = REPO_ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
+
+
+def make_test_model() -> ModuleType:
+    """tools/make_test_model.py as a module."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load_tool("make_test_model")

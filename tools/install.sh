@@ -33,8 +33,8 @@ fi
 if [ -e "$DESTDIR/etc/edged/edged.yaml" ]; then
   say "keeping existing /etc/edged/edged.yaml"
 else
-  # The shipped example points at the repository's test model; a real node sets model.path.
-  sed -e "s#^  path: ../edged/models/tiny-qwen3-int4.*#  path: $PREFIX/models/default   \# an exported model directory#" \
+  # The shipped example points at the bundled demo model; a real node sets model.path.
+  sed -e "s#^  path: ../edged/models/demo-clinical-int4.*#  path: $PREFIX/models/default   \# an exported model directory#" \
     "$here/config/edged.yaml" > "$DESTDIR/etc/edged/edged.yaml"
   chmod 0644 "$DESTDIR/etc/edged/edged.yaml"
   say "wrote /etc/edged/edged.yaml (set model.path and mqtt.*)"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from edged.engine.backend import BackendInfo
@@ -259,6 +260,38 @@ class Engine:
         return self.generate(
             ids, config, on_text=on_text, stop_check=stop_check, between_steps=between_steps
         )
+
+    def logits_for(
+        self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+    ) -> list[np.ndarray]:
+        """Teacher forcing, for scoring (`edged model eval`): for each continuation, the logits
+        that predict each of its tokens (row i follows prompt + continuation[:i]), shape
+        (len(continuation), vocab). The prompt is computed once and its KV restored for each
+        continuation, so scoring five answers to one question costs one prefill."""
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        out: list[np.ndarray] = []
+        with self._lock:
+            self.cores.pin_caller()
+            runner = self._runner
+            runner.reset()
+            first = None
+            for start in range(0, len(prompt), self.options.prefill_chunk):
+                first = runner.forward(prompt[start : start + self.options.prefill_chunk])
+            assert first is not None
+            first = np.array(first, copy=True)
+            snapshot = runner.snapshot()
+            for tokens in continuations:
+                if not tokens:
+                    out.append(np.empty((0, first.shape[-1]), dtype=np.float32))
+                    continue
+                runner.restore(snapshot)
+                rows = [first]
+                # Runners return a view of a reused buffer: every row is copied.
+                rows += [np.array(runner.forward([t]), copy=True) for t in list(tokens)[:-1]]
+                out.append(np.stack(rows[: len(tokens)]))
+        return out
 
     def set_parallelism(self, cores: int) -> None:
         """Use at most `cores` cores from now on, even mid-generation (takes effect at the next

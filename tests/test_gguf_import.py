@@ -1,0 +1,150 @@
+"""GGUF in: `edged model export FILE.gguf OUT` on GGUF files written here (tools/make_gguf.py)
+from the committed demo checkpoint, and clear refusals of what cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.engine import Engine, EngineOptions
+from edged.export.options import ExportError
+from tests._models import REPO_ROOT, export_deps_missing, load_tool
+
+DEMO_HF = REPO_ROOT / "tests" / "fixtures" / "demo-clinical-hf"
+
+pytestmark = [
+    pytest.mark.export,
+    pytest.mark.skipif(export_deps_missing() is not None, reason=str(export_deps_missing())),
+]
+
+
+def _edged(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edged", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "demo-q8_0.gguf"
+    return load_tool("make_gguf").write_gguf(DEMO_HF, out, "Q8_0")
+
+
+def test_the_gguf_reader_rebuilds_the_checkpoint_and_its_tokenizer(
+    q8_gguf: Path, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edged.export.gguf_import import gguf_to_checkpoint
+
+    summary = gguf_to_checkpoint(q8_gguf, tmp_path / "hf")
+    assert summary.architecture == "qwen3" and set(summary.tensor_types) == {"Q8_0", "F32"}
+    ours, theirs = (
+        AutoTokenizer.from_pretrained(tmp_path / "hf"),
+        AutoTokenizer.from_pretrained(DEMO_HF),
+    )
+    chat = [{"role": "user", "content": "SpO2 89 % now, lowest 86 %. Should I worry? 😟"}]
+    text = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    ids = theirs(text, return_tensors="pt")
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(**ids)
+        b = AutoModelForCausalLM.from_pretrained(DEMO_HF, dtype=torch.float32)(**ids)
+    # Q8_0: one byte per weight, block scales: the same next token everywhere.
+    assert bool((a.logits.argmax(-1) == b.logits.argmax(-1)).all())
+
+
+def test_export_and_eval_run_end_to_end_on_a_gguf(q8_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "from-gguf"
+    done = _edged("model", "export", str(q8_gguf), str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((out / "edged-model.json").read_text())
+    assert manifest["verification"]["gguf"]["tensor_types"]["Q8_0"] > 0
+    agreement = manifest["verification"]["top1_agreement_vs_fp32"]
+    # Next tokens of the edged int4 model (from the Q8_0 GGUF) against the original bf16
+    # checkpoint's, teacher-forced on held-out answers: within what the export reports for its
+    # own int4 step (the GGUF's Q8_0 rounding costs next to nothing on top).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edged.eval.datasets import DEFAULT_FILES, load
+    from edged.eval.harness import split_chat
+
+    engine = Engine.load(out, EngineOptions(threads=1))
+    hf = AutoModelForCausalLM.from_pretrained(DEMO_HF, dtype=torch.float32).eval()
+    agree = total = 0
+    for row in load([DEFAULT_FILES[0]])[:8]:
+        prompt, target = split_chat(engine, row.data["messages"])
+        mine = engine.logits_for(prompt, [target])[0].argmax(-1)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1 :]
+        agree += int((mine == logits.argmax(-1).numpy()).sum())
+        total += len(target)
+    assert agree / total >= agreement - 0.05, (agree / total, agreement)
+    report = tmp_path / "eval.json"
+    done = _edged("model", "eval", str(out), "--limit", "5", "--json", str(report))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(report.read_text())
+    assert result["perplexity"]["value"] < 3 and result["mcq"]["items"] == 5
+
+
+def _writer(path: Path, arch: str = "qwen3") -> object:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    return writer
+
+
+def _finish(writer: object) -> None:
+    writer.write_header_to_file()  # type: ignore[attr-defined]
+    writer.write_kv_data_to_file()  # type: ignore[attr-defined]
+    writer.write_tensors_to_file()  # type: ignore[attr-defined]
+    writer.close()  # type: ignore[attr-defined]
+
+
+def test_an_unsupported_tensor_type_is_refused_by_name(tmp_path: Path) -> None:
+    import gguf
+
+    from edged.export.gguf_import import gguf_to_checkpoint
+
+    path = tmp_path / "iq.gguf"
+    writer = _writer(path)
+    qtype = gguf.GGMLQuantizationType.IQ4_NL
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((32, 256 // block * size), dtype=np.uint8)  # 32 rows of 256 weights
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=qtype)  # type: ignore[attr-defined]
+    _finish(writer)
+    with pytest.raises(ExportError, match=r"blk\.0\.attn_q\.weight is IQ4_NL.*supported: F32"):
+        gguf_to_checkpoint(path, tmp_path / "hf")
+    done = _edged("model", "export", str(path), str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 1 and "IQ4_NL" in done.stderr
+
+
+def test_an_unsupported_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    from edged.export.gguf_import import gguf_to_checkpoint
+
+    path = tmp_path / "llama.gguf"
+    writer = _writer(path, "llama")
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, np.float32))  # type: ignore[attr-defined]
+    _finish(writer)
+    with pytest.raises(ExportError, match="architecture 'llama' is not supported"):
+        gguf_to_checkpoint(path, tmp_path / "hf")
+
+
+def test_a_directory_with_two_ggufs_asks_which(tmp_path: Path) -> None:
+    from edged.export.gguf_import import find_gguf
+
+    (tmp_path / "a.gguf").write_bytes(b"")
+    assert find_gguf(str(tmp_path)) == tmp_path / "a.gguf"
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ExportError, match="holds 2 GGUF files"):
+        find_gguf(str(tmp_path))
+    assert find_gguf(str(DEMO_HF)) is None

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Train the demo model: a small Qwen3 on the project's synthetic clinical dialogues (#12).
+
+From a fixed seed, on the CPU: a byte-level BPE tokenizer trained on the corpus
+(`tools/make_clinical_corpus.py`), a Qwen3-architecture model of a few million parameters, and
+AdamW on the assistant turns only, for a fixed time budget (the learning-rate schedule runs on
+the clock, so it ends on time). Then the project's own exporter makes the int4 edged
+model. The result reads as advice and quotes the wearer's numbers because the corpus does; it
+knows nothing else. It is **a demo model trained on synthetic dialogues, not a medical model**,
+and its manifest says so.
+
+    python tools/make_clinical_corpus.py --out ~/.cache/edged/demo-corpus
+    python tools/train_demo_model.py --corpus ~/.cache/edged/demo-corpus \\
+        --checkpoint tests/fixtures/demo-clinical-hf --export edged/models/demo-clinical-int4
+    python tools/train_demo_model.py --export-only \\
+        --checkpoint tests/fixtures/demo-clinical-hf --export edged/models/demo-clinical-int4
+
+Training is seeded but not bit-reproducible across machines (BLAS kernels differ); the export
+from the committed checkpoint is (`--export-only`, checked by tests/test_demo_model.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import make_test_model  # noqa: E402  (a sibling script: its directory is on sys.path)
+
+log = logging.getLogger("train_demo_model")
+
+SEED = 1202
+DESCRIPTION = (
+    "demo model trained on synthetic dialogues; not a medical model. It reads the wearer's "
+    "vitals block and answers in the corpus's templates (tools/make_clinical_corpus.py)."
+)
+NAME = "edged-demo-clinical"
+BPE_VOCAB = 4091
+"""A ceiling: the templated dialogues saturate well below it (digits stay single tokens)."""
+SHAPE: dict[str, int] = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 1024,
+}
+MAX_LEN = 640
+"""Longest training sequence in tokens (a dialogue is about 300)."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def tokenizer_lines(dialogues: list[dict[str, Any]]) -> list[str]:
+    """Every message text, once: what the BPE merges are learnt from."""
+    seen: set[str] = set()
+    lines = []
+    for d in dialogues:
+        for m in d["messages"]:
+            if m["content"] not in seen:
+                seen.add(m["content"])
+                lines.append(m["content"])
+    return lines
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], int] | None:
+    """(token ids of the whole chat, number of prompt tokens not trained on) or None if too
+    long. The loss covers the assistant's turn: its think block, answer and <|im_end|>."""
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise RuntimeError("the chat template renders the prompt differently inside the chat")
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if len(ids) > MAX_LEN:
+        return None
+    return ids, start
+
+
+def batches(
+    examples: list[tuple[list[int], int]], batch_size: int, rng: random.Random
+) -> list[list[int]]:
+    """Index batches of similar length (little padding), in random order."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def build_model(tokenizer: Any) -> Any:
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    vocab = -(-len(tokenizer) // make_test_model.VOCAB_MULTIPLE) * make_test_model.VOCAB_MULTIPLE
+    config = Qwen3Config(
+        **SHAPE,
+        vocab_size=vocab,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
+        dtype="float32",
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(SEED)
+    model = Qwen3ForCausalLM(config)
+    # Greedy by default: the daemon decodes greedily unless model.temperature says otherwise.
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
+    )
+    return model
+
+
+def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 10 % of the peak by the end of
+    the time budget (`progress` is the fraction of it used): the schedule ends on time
+    whatever the machine's speed, or a busy neighbour, does to the step time."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def evaluate(model: Any, examples: list[tuple[list[int], int]], pad_id: int) -> float:
+    """Mean loss per trained token on `examples` (the held-out split)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 32):
+            batch = collate(examples[i : i + 32], pad_id)
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * tokens
+            count += tokens
+    model.train()
+    return total / max(1, count)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    rng = random.Random(SEED)
+    dialogues = read_jsonl(args.corpus / "train.jsonl")
+    mcq_items = read_jsonl(args.corpus / "mcq_train.jsonl")
+    heldout = read_jsonl(args.corpus / "heldout.jsonl")[: args.eval_examples]
+    args.checkpoint.mkdir(parents=True, exist_ok=True)
+    lines = tokenizer_lines(dialogues) + make_test_model.corpus()
+    tokenizer = make_test_model.build_tokenizer(args.checkpoint, lines, BPE_VOCAB, exact=False)
+    make_mcq = _corpus_module().mcq_chat
+    chats = [d["messages"] for d in dialogues] + [make_mcq(m)["messages"] for m in mcq_items]
+    examples = [e for e in (encode(tokenizer, c) for c in chats) if e is not None]
+    held = [e for e in (encode(tokenizer, d["messages"]) for d in heldout) if e is not None]
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model = build_model(tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("%d examples, %.1fM parameters", len(examples), params / 1e6)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    order = batches(examples, args.batch, rng)
+    budget_s = args.minutes * 60
+    started = time.monotonic()
+    tokens_seen = 0
+    losses: list[float] = []
+    bar = tqdm(total=int(budget_s), desc="training", unit="s", file=sys.stderr)
+    step = 0
+    model.train()
+    while step < args.max_steps and (elapsed := time.monotonic() - started) < budget_s:
+        group = order[step % len(order)]
+        if step and step % len(order) == 0:
+            order = batches(examples, args.batch, rng)
+        batch = collate([examples[i] for i in group], pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
+        loss = model(**batch).loss  # over the answer tokens: labels are -100 elsewhere
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        tokens_seen += int(batch["attention_mask"].sum())
+        step += 1
+        bar.n = min(int(budget_s), int(time.monotonic() - started))
+        bar.set_postfix(step=step, loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar.close()
+    train_s = time.monotonic() - started
+    held_loss = evaluate(model, held, pad_id)
+    model.save_pretrained(args.checkpoint, safe_serialization=True)
+    _to_bf16(args.checkpoint)
+    report = {
+        "parameters": params,
+        "steps": step,
+        "tokens_seen": tokens_seen,
+        "train_minutes": round(train_s / 60, 1),
+        "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "heldout_loss": round(held_loss, 4),
+        "examples": len(examples),
+        "threads": args.threads,
+    }
+    (args.checkpoint / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _to_bf16(checkpoint: Path) -> None:
+    """Store the weights as bfloat16 (half the size in the repository); the exporter reads
+    them back as float32, so the export from this file is what is reproducible."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    tensors = {k: v.to(dtype=__import__("torch").bfloat16) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _corpus_module() -> Any:
+    import make_clinical_corpus
+
+    return make_clinical_corpus
+
+
+def export(checkpoint: Path, out: Path, exporter: str = "optimum") -> Any:
+    from edged.export import ExportOptions, export_model
+
+    return export_model(
+        ExportOptions(
+            source=str(checkpoint),
+            output=out,
+            quant="int4",
+            exporter=exporter,
+            name=NAME if exporter == "optimum" else f"{NAME}-gqa",
+            description=DESCRIPTION,
+            overwrite=True,
+            source_label="tools/train_demo_model.py (tests/fixtures/demo-clinical-hf)",
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", type=Path, help="directory written by make_clinical_corpus.py")
+    ap.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint directory")
+    ap.add_argument("--export", type=Path, default=None, help="write the int4 edged model here")
+    ap.add_argument("--export-only", action="store_true", help="export an existing checkpoint")
+    ap.add_argument("--exporter", choices=("optimum", "ort-genai"), default="optimum")
+    ap.add_argument("--minutes", type=float, default=25.0, help="training time budget")
+    ap.add_argument("--max-steps", type=int, default=100_000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-examples", type=int, default=300)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.export_only:
+        if args.corpus is None:
+            ap.error("--corpus is required unless --export-only")
+        print(json.dumps(train(args), indent=2))
+    if args.export is not None:
+        manifest = export(args.checkpoint, args.export, args.exporter)
+        print(json.dumps({"exported": str(args.export), **manifest.verification}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
