@@ -63,8 +63,7 @@ class ExportOptions:
             raise ExportError("int4_algorithm = 'gptq' needs calibration (a JSONL of dialogues)")
         if self.quant != "int4" and self.int4_algorithm != "rtn":
             raise ExportError(
-                f"int4_algorithm = {self.int4_algorithm!r} needs quant = 'int4', not "
-                f"{self.quant!r}"
+                f"int4_algorithm = {self.int4_algorithm!r} needs quant = 'int4', not {self.quant!r}"
             )
         if self.exporter == "ort-genai" and self.int4_algorithm != "rtn":
             raise ExportError(
