@@ -286,7 +286,11 @@ def test_urgent_query_is_served_before_queued_normal_ones(
     start_daemon: Callable[..., Daemon], gateway: TestClient
 ) -> None:
     start_daemon(governor={"pause_ms": 10})
-    for qid in ("n1", "n2", "n3"):
+    gateway.publish(f"{P}/w1/query", _query("n1", max_tokens=60, stream=True))
+    # n1 is generating (at least 0.6 s to go) before the others arrive, however loaded the
+    # machine: the order below then depends on priorities alone.
+    gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice/stream")
+    for qid in ("n2", "n3"):
         gateway.publish(f"{P}/w1/query", _query(qid, max_tokens=20))
     gateway.publish(f"{P}/w1/query", _query("u1", max_tokens=20, priority="urgent"))
     order = [
