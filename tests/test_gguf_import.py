@@ -1,4 +1,5 @@
-"""GGUF in: `edged model export FILE.gguf OUT` on GGUF files written here (tools/make_gguf.py)
+"""GGUF in: `edged model export FILE.gguf OUT` on GGUF files written here (tools/make_gguf.py, and
+llama.cpp's own Q4_K_M in tests/fixtures)
 from the committed demo checkpoint, and clear refusals of what cannot be imported."""
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import pytest
 
 from edged.engine import Engine, EngineOptions
 from edged.export.options import ExportError
+from edged.models import DEMO_MODEL as DEMO_MODEL_DIR
 from tests._models import REPO_ROOT, export_deps_missing, load_tool
 
 DEMO_HF = REPO_ROOT / "tests" / "fixtures" / "demo-clinical-hf"
+Q4_K_M = REPO_ROOT / "tests" / "fixtures" / "demo-clinical-q4_k_m.gguf"
 
 pytestmark = [
     pytest.mark.export,
@@ -93,6 +96,42 @@ def test_export_and_eval_run_end_to_end_on_a_gguf(q8_gguf: Path, tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(report.read_text())
     assert result["perplexity"]["value"] < 3 and result["mcq"]["items"] == 5
+
+
+def test_llama_cpp_k_quants_dequantize_to_the_original_weights(tmp_path: Path) -> None:
+    """A Q4_K_M made by llama.cpp's own quantizer (tests/fixtures/README.md): Q4_K and Q6_K
+    blocks come back within their rounding of the bf16 weights, and the model predicts what
+    the original does."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from edged.eval.datasets import DEFAULT_FILES, load
+    from edged.eval.harness import split_chat
+    from edged.export.gguf_import import gguf_to_checkpoint
+
+    summary = gguf_to_checkpoint(Q4_K_M, tmp_path / "hf")
+    assert summary.tensor_types == {"F32": 25, "Q4_K": 38, "Q6_K": 5}
+    ours = load_file(str(next((tmp_path / "hf").glob("*.safetensors"))))
+    original = load_file(str(DEMO_HF / "model.safetensors"))
+    assert set(ours) == set(original)
+    for name, weight in original.items():
+        error = float((ours[name].float() - weight.float()).norm() / weight.float().norm())
+        if "norm" in name:
+            assert error == 0.0, name  # F32 in the file: exact
+        else:  # 4.5 and 6.6 bits a weight: a few per cent of the tensor's norm
+            assert error < (0.025 if name == "model.embed_tokens.weight" else 0.09), (name, error)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(DEMO_HF, dtype=torch.float32).eval()
+    engine = Engine.load(DEMO_MODEL_DIR, EngineOptions(threads=1))
+    agree = total = 0
+    for row in load([DEFAULT_FILES[0]])[:4]:
+        prompt, target = split_chat(engine, row.data["messages"])
+        ids = torch.tensor([prompt + target])
+        with torch.no_grad():
+            agree += int((a(ids).logits.argmax(-1) == b(ids).logits.argmax(-1)).sum())
+        total += ids.shape[1]
+    assert agree / total > 0.95, agree / total
 
 
 def _writer(path: Path, arch: str = "qwen3") -> object:
