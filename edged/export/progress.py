@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -63,4 +64,18 @@ class _Stage:
         if self._stages._bar is not None:
             self._stages._bar.update(1)
         if exc[0] is None:
-            log.info("%s took %.1f s", self._name, took)
+            peak = peak_rss_gb()
+            memory = f"; this process's peak RSS so far {peak:.2f} GB" if peak is not None else ""
+            log.info("%s took %.1f s%s", self._name, took, memory)
+
+
+def peak_rss_gb() -> float | None:
+    """This process's resident high-water mark (Linux VmHWM), or None where there is none.
+    Logged after each stage, it shows which stage sets an export's memory peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
