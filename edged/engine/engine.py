@@ -27,6 +27,7 @@ from edged.engine.generate import (
     StepHook,
     StopCheck,
     TextCallback,
+    prefill,
     run_generation,
 )
 from edged.engine.graph import GraphLayout, inspect_graph
@@ -183,8 +184,7 @@ class Engine:
         with self._lock:
             runner = self._runner
             runner.reset()
-            for start in range(0, len(ids), self.options.prefill_chunk):
-                runner.forward(ids[start : start + self.options.prefill_chunk])
+            prefill(runner, ids, self.options.prefill_chunk)
             self._prefix = PrefixEntry(ids, runner.snapshot())
         log.debug("prefix cache holds %d tokens", len(ids))
 
@@ -276,11 +276,7 @@ class Engine:
             self.cores.pin_caller()
             runner = self._runner
             runner.reset()
-            first = None
-            for start in range(0, len(prompt), self.options.prefill_chunk):
-                first = runner.forward(prompt[start : start + self.options.prefill_chunk])
-            assert first is not None
-            first = np.array(first, copy=True)
+            first = np.array(prefill(runner, prompt, self.options.prefill_chunk), copy=True)
             snapshot = runner.snapshot()
             for tokens in continuations:
                 if not tokens:

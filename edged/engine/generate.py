@@ -156,7 +156,7 @@ def run_generation(
     if reason is not None:
         return _result("", "", reason, prompt, cached, [], started, started, None, None)
 
-    logits = _prefill(runner, prompt[cached:], prefill_chunk)
+    logits = prefill(runner, prompt[cached:], prefill_chunk)
     prefill_end = time.perf_counter()
     loop = _DecodeLoop(tokenizer, config, prompt, eos_ids, think_ids, on_text)
     max_new = min(config.max_new_tokens, limit - len(prompt))
@@ -277,8 +277,10 @@ class _DecodeLoop:
         return self.answer.stopped
 
 
-def _prefill(runner: GrowingKVRunner | SharedKVRunner, ids: list[int], chunk: int) -> np.ndarray:
-    # Chunking bounds the attention activations of a long prompt (they grow with n^2).
+def prefill(runner: GrowingKVRunner | SharedKVRunner, ids: Sequence[int], chunk: int) -> np.ndarray:
+    """Run `ids` into the runner's KV in chunks of `chunk` tokens; the last position's logits
+    (a view of the runner's buffer). Chunking bounds the attention activations of a long prompt
+    (they grow with n^2)."""
     logits = None
     for start in range(0, len(ids), chunk):
         logits = runner.forward(ids[start : start + chunk])
