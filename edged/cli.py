@@ -244,7 +244,7 @@ def _grounded_question(question: str, vitals_json: str, engine: Any) -> tuple[st
     for the guard."""
     import time
 
-    from edged.clinical.advice import user_message, vitals_context
+    from edged.clinical.advice import grounded_question
     from edged.clinical.triage import assess
     from edged.config.models import ClinicalConfig
     from edged.mqtt.errors import ProtocolError
@@ -261,10 +261,7 @@ def _grounded_question(question: str, vitals_json: str, engine: Any) -> tuple[st
         raise ValueError(f"--vitals: {exc.message}") from None
     cfg = ClinicalConfig()
     triage = assess(window, cfg.red_flags)
-    block = vitals_context(
-        window, triage, cfg.window_s, engine.count_tokens, cfg.vitals_prompt_tokens
-    )
-    return user_message(question, block), (triage, cfg)
+    return grounded_question(question, window, triage, cfg, engine.count_tokens), (triage, cfg)
 
 
 def _guard_note(answer: str, triage: Any, cfg: Any) -> str:

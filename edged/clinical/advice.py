@@ -96,6 +96,19 @@ def user_message(question: str, context: str | None) -> str:
     return f"{context}\n\nQuestion: {question}"
 
 
+def grounded_question(
+    question: str,
+    window: Sequence[Vitals],
+    triage: Triage,
+    cfg: ClinicalConfig,
+    count_tokens: Callable[[str], int],
+) -> str:
+    """The user turn of a question grounded in the wearer's vitals, as the daemon asks it (and
+    `edged ask --vitals`, so both send the model the same prompt)."""
+    block = vitals_context(window, triage, cfg.window_s, count_tokens, cfg.vitals_prompt_tokens)
+    return user_message(question, block)
+
+
 @dataclass(frozen=True)
 class GuardedAdvice:
     """What the wearer is told: the model's text (or the triage's, without a model) with the

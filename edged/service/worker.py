@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edged.clinical.advice import GuardedAdvice, degraded_text, guard, user_message, vitals_context
+from edged.clinical.advice import GuardedAdvice, degraded_text, grounded_question, guard
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import Triage, assess
 from edged.config.models import EdgedConfig, ModelConfig
@@ -293,19 +293,14 @@ class Worker:
     ) -> GenerationResult:
         work: QueryWork = job.work
         query = work.query
-        clinical = config.clinical
-        context = None
+        question = query.text
         if query.include_vitals:
-            context = vitals_context(
-                window,
-                triage,
-                clinical.window_s,
-                backend.count_tokens,
-                clinical.vitals_prompt_tokens,
+            question = grounded_question(
+                query.text, window, triage, config.clinical, backend.count_tokens
             )
         messages = [
             {"role": "system", "content": config.model.system_prompt},
-            {"role": "user", "content": user_message(query.text, context)},
+            {"role": "user", "content": question},
         ]
         streamer = self._streamer(work, config) if query.stream else None
         result = backend.chat(
