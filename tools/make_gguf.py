@@ -26,21 +26,30 @@ from typing import Any
 import numpy as np
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-# llama.cpp's LlamaFileType for general.file_type.
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
-# Token types (llama.cpp's llama_token_type).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+def file_type(name: str) -> int:
+    """llama.cpp's general.file_type for a type name: F32, F16, Q4_0, ..., Q4_K_M."""
+    import gguf
+
+    return int(gguf.LlamaFileType["ALL_F32" if name == "F32" else f"MOSTLY_{name}"])
 
 
 def tokenizer_vocab(checkpoint: Path, rows: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens in id order padded to `rows`, their types, BPE merges as "a b")."""
+    from gguf import TokenType
+
     data = json.loads((checkpoint / "tokenizer.json").read_text())
-    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in data["model"]["vocab"].items()}
+    vocab = data["model"]["vocab"]
+    by_id: dict[int, tuple[str, int]] = {i: (t, TokenType.NORMAL) for t, i in vocab.items()}
     for added in data.get("added_tokens", []):
-        by_id[added["id"]] = (added["content"], CONTROL if added["special"] else USER_DEFINED)
+        by_id[added["id"]] = (
+            added["content"],
+            TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED,
+        )
     tokens, types = [], []
     for i in range(rows):
-        token, kind = by_id.get(i, (f"[PAD{i}]", UNUSED))
+        token, kind = by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED))
         tokens.append(token)
         types.append(kind)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
@@ -51,7 +60,7 @@ def _metadata(writer: Any, config: dict[str, Any], checkpoint: Path, qtype: str)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_name(checkpoint.name)
-    writer.add_file_type(FILE_TYPES[qtype])
+    writer.add_file_type(file_type(qtype))
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])

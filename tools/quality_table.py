@@ -38,8 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = REPO / "tests" / "fixtures" / "demo-clinical-hf"
 LLAMA_VENV = Path(os.environ.get("EDGED_LLAMA_VENV", Path.home() / ".cache/edged/venv-llama"))
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-# llama.cpp's llama_ftype values (llama.h).
-LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
+LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 EDGED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("edged fp32", {"quant": "fp32"}),
     ("edged int8", {"quant": "int8"}),
@@ -200,8 +199,8 @@ def llama_rows(
 
     f16 = make_gguf.write_gguf(checkpoint, work / "model-f16.gguf", "F16")
     models: dict[str, dict[str, Any]] = {
-        name: {"path": str(work / f"model-{name}.gguf"), "ftype": ftype}
-        for name, ftype in LLAMA_FTYPES.items()
+        name: {"path": str(work / f"model-{name}.gguf"), "ftype": make_gguf.file_type(name)}
+        for name in LLAMA_TYPES
     }
     for name, path in imatrix_ggufs(checkpoint, f16, work, calibration).items():
         models[name] = {"path": str(path), "ftype": None}

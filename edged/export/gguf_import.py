@@ -48,7 +48,6 @@ _QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_CONTROL, _USER_DEFINED, _UNUSED = 3, 4, 5
 
 
 def find_gguf(source: str) -> Path | None:
@@ -177,6 +176,7 @@ def _state_dict(reader: Any) -> dict[str, Any]:
 
 def _tokenizer(reader: Any, out: Path) -> None:
     """Rebuild the byte-level BPE tokenizer from the GGUF's vocabulary and merges."""
+    from gguf import TokenType
     from tokenizers import (
         AddedToken,
         Regex,
@@ -197,7 +197,9 @@ def _tokenizer(reader: Any, out: Path) -> None:
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == 1}
+    vocab = {
+        t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == TokenType.NORMAL
+    }
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -208,9 +210,9 @@ def _tokenizer(reader: Any, out: Path) -> None:
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
     for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
-        if k in (_CONTROL, _USER_DEFINED):
-            added = AddedToken(t, normalized=False, special=k == _CONTROL)
-            (tok.add_special_tokens if k == _CONTROL else tok.add_tokens)([added])
+        if k in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            added = AddedToken(t, normalized=False, special=k == TokenType.CONTROL)
+            (tok.add_special_tokens if k == TokenType.CONTROL else tok.add_tokens)([added])
             if tok.token_to_id(t) != i:
                 raise ExportError(f"GGUF token {t!r} landed at id {tok.token_to_id(t)}, not {i}")
     eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
