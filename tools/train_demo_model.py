@@ -4,10 +4,10 @@
 From a fixed seed, on the CPU: a byte-level BPE tokenizer trained on the corpus
 (`tools/make_clinical_corpus.py`), a Qwen3-architecture model of a few million parameters, and
 AdamW on the assistant turns only, for a fixed time budget (the learning-rate schedule runs on
-the clock, so it ends on time). Then the project's own exporter makes the int4 edged
-model. The result reads as advice and quotes the wearer's numbers because the corpus does; it
-knows nothing else. It is **a demo model trained on synthetic dialogues, not a medical model**,
-and its manifest says so.
+the clock, so it ends on time). Then the project's own exporter makes the int4 edged model.
+The result reads as advice and writes the wearer's numbers where the corpus does (often a few
+units off: edged/models/README.md); it knows nothing else. It is **a demo model trained on
+synthetic dialogues, not a medical model**, and its manifest says so.
 
     python tools/make_clinical_corpus.py --out ~/.cache/edged/demo-corpus
     python tools/train_demo_model.py --corpus ~/.cache/edged/demo-corpus \\
@@ -37,7 +37,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import make_test_model  # noqa: E402  (a sibling script: its directory is on sys.path)
+import make_clinical_corpus  # noqa: E402  (sibling scripts: their directory is on sys.path)
+import make_test_model  # noqa: E402
 
 log = logging.getLogger("train_demo_model")
 
@@ -183,8 +184,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args.checkpoint.mkdir(parents=True, exist_ok=True)
     lines = tokenizer_lines(dialogues) + make_test_model.corpus()
     tokenizer = make_test_model.build_tokenizer(args.checkpoint, lines, BPE_VOCAB, exact=False)
-    make_mcq = _corpus_module().mcq_chat
-    chats = [d["messages"] for d in dialogues] + [make_mcq(m)["messages"] for m in mcq_items]
+    mcq_chat = make_clinical_corpus.mcq_chat
+    chats = [d["messages"] for d in dialogues] + [mcq_chat(m)["messages"] for m in mcq_items]
     examples = [e for e in (encode(tokenizer, c) for c in chats) if e is not None]
     held = [e for e in (encode(tokenizer, d["messages"]) for d in heldout) if e is not None]
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -245,20 +246,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def _to_bf16(checkpoint: Path) -> None:
     """Store the weights as bfloat16 (half the size in the repository); the exporter reads
     them back as float32, so the export from this file is what is reproducible."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     path = checkpoint / "model.safetensors"
-    tensors = {k: v.to(dtype=__import__("torch").bfloat16) for k, v in load_file(path).items()}
+    tensors = {k: v.to(dtype=torch.bfloat16) for k, v in load_file(path).items()}
     save_file(tensors, path, metadata={"format": "pt"})
     config = json.loads((checkpoint / "config.json").read_text())
     config["dtype"] = "bfloat16"
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _corpus_module() -> Any:
-    import make_clinical_corpus
-
-    return make_clinical_corpus
 
 
 def export(checkpoint: Path, out: Path, exporter: str = "optimum") -> Any:
