@@ -100,8 +100,8 @@ def token_spec(fp32: Path, data: Path, reference: Path) -> dict[str, Any]:
     import numpy as np
 
     from edged.engine import Engine, EngineOptions
-    from edged.eval.datasets import load, mcq_answer, mcq_user_message
-    from edged.eval.harness import split_chat
+    from edged.eval.datasets import load
+    from edged.eval.harness import mcq_tokens, split_chat
 
     engine = Engine.load(fp32, EngineOptions(threads=0, context_length=2048))
     sequences, items, logits = [], [], []
@@ -111,22 +111,8 @@ def token_spec(fp32: Path, data: Path, reference: Path) -> dict[str, Any]:
             sequences.append({"prompt": prompt, "target": target})
             logits.append(engine.logits_for(prompt, [target])[0])
         elif row.kind == "mcq":
-            item = row.data
-            prompt = engine.render_chat(
-                [{"role": "user", "content": mcq_user_message(item)}], False
-            )
-            end = engine.tokenizer.encode("<|im_end|>")
-            options = [
-                engine.tokenizer.encode(mcq_answer(k, str(v))) + end
-                for k, v in item["options"].items()
-            ]
-            items.append(
-                {
-                    "prompt": prompt,
-                    "options": options,
-                    "answer": list(item["options"]).index(item["answer"]),
-                }
-            )
+            prompt, options, right = mcq_tokens(engine, row.data)
+            items.append({"prompt": prompt, "options": options, "answer": right})
     np.save(reference, np.concatenate(logits).astype(np.float32))
     return {"sequences": sequences, "mcq": items, "reference": str(reference)}
 

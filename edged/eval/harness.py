@@ -129,19 +129,24 @@ def _check_answer(answer: str, meta: dict[str, Any], t: Tally) -> None:
         t.false_escalations += any(carries(answer, s) for s in ESCALATIONS)
 
 
-def _mcq(engine: Engine, row: Row, t: Tally) -> None:
-    item = row.data
+def mcq_tokens(engine: Engine, item: dict[str, Any]) -> tuple[list[int], list[list[int]], int]:
+    """(prompt ids, each option's ids as the assistant's whole answer, the right option's
+    index) of a multiple-choice item: what is scored, by edged and by tools that compare."""
     prompt = engine.render_chat([{"role": "user", "content": mcq_user_message(item)}], False)
     letters = list(item["options"])
     end = engine.tokenizer.encode("<|im_end|>")
     options = [
         engine.tokenizer.encode(mcq_answer(k, str(item["options"][k]))) + end for k in letters
     ]
+    return prompt, options, letters.index(item["answer"])
+
+
+def _mcq(engine: Engine, row: Row, t: Tally) -> None:
+    prompt, options, right = mcq_tokens(engine, row.data)
     scores = [
         token_logprobs(logits, option)
         for logits, option in zip(engine.logits_for(prompt, options), options, strict=True)
     ]
-    right = letters.index(item["answer"])
     t.mcq_items += 1
     t.mcq_right += best_option([float(s.sum()) for s in scores]) == right
     t.mcq_right_norm += best_option([float(s.mean()) for s in scores]) == right
