@@ -93,7 +93,7 @@ def test_cli_arguments_map_to_export_options():
     args = parser.parse_args(["ckpt", "out", "--quant", "int8", "--all-logits", "--no-verify"])
     opts = options_from_args(args)
     assert (opts.quant, opts.last_token_logits, opts.verify) == ("int8", False, False)
-    assert opts.output == Path("out") and opts.exporter == "optimum"
+    assert opts.output == Path("out") and opts.exporter == "auto"
 
 
 def test_committed_fixture_hashes_match_and_manifest_says_int4():

@@ -5,8 +5,9 @@
     python tools/export_memory.py --shapes qwen3-0.6b qwen3-1.7b --paths optimum
     python tools/export_memory.py --json export-memory.json
 
-For each shape a checkpoint with random weights (fp32 safetensors, the test tokenizer) is built
-once under ~/.cache/edged/export-memory/, then each export path runs as its own
+For each shape a checkpoint with random weights (bf16 safetensors, as the public Qwen3 and
+MedPsy checkpoints are published; the test tokenizer) is built once under
+~/.cache/edged/export-memory/, then each export path runs as its own
 `edged model export` process, int4, with verification as `edged model export` does it by
 default. Peak memory is what the machine must have free: the larger of the summed resident set
 sizes of that process and its children, sampled every 100 ms (the ort-genai path runs the
@@ -59,19 +60,21 @@ SHAPES: dict[str, dict[str, int]] = {
         "max_position_embeddings": 4096,
     },
 }
-PATHS = ("optimum", "ort-genai")
+PATHS = ("stream", "optimum", "ort-genai")
 TARGET_GB = {"qwen3-1.7b": 8.0, "qwen3-4b": 16.0}
 
 
 def checkpoint(shape: str) -> Path:
-    out = CACHE_ROOT / shape / "checkpoint"
+    out = CACHE_ROOT / shape / "checkpoint-bf16"
     if not (out / "config.json").is_file():
         import make_test_model  # a sibling script: its directory is on sys.path
 
         partial = out.with_name("checkpoint.partial")
         shutil.rmtree(partial, ignore_errors=True)
         print(f"building the {shape} checkpoint (random weights) in {out}", file=sys.stderr)
-        make_test_model.build_checkpoint(partial, SHAPES[shape], sampling_defaults=False)
+        make_test_model.build_checkpoint(
+            partial, SHAPES[shape], sampling_defaults=False, dtype="bfloat16"
+        )
         partial.rename(out)
     return out
 

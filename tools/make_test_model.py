@@ -305,12 +305,17 @@ TINY_SHAPE: dict[str, int] = {
 
 
 def build_checkpoint(
-    out_dir: Path, shape: Mapping[str, int] | None = None, sampling_defaults: bool = True
+    out_dir: Path,
+    shape: Mapping[str, int] | None = None,
+    sampling_defaults: bool = True,
+    dtype: str = "float32",
 ) -> Path:
     """Write a Qwen3 HF checkpoint with random weights (seeded), the test tokenizer and configs
     into `out_dir`: the tiny fixture by default, or another `shape` (tools/bench_engine.py
     builds Qwen3-0.6B's). `sampling_defaults` writes Qwen3's recommended sampling into
-    generation_config.json, as the real model ships; without it `generate` is greedy."""
+    generation_config.json, as the real model ships; without it `generate` is greedy. `dtype`
+    "bfloat16" builds and saves the weights as the public Qwen3 checkpoints are published
+    (half the memory and disk of float32)."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -332,11 +337,16 @@ def build_checkpoint(
         initializer_range=0.5,
         bos_token_id=endoftext,
         eos_token_id=im_end,
-        dtype="float32",
+        dtype=dtype,
     )
     config.architectures = ["Qwen3ForCausalLM"]
     torch.manual_seed(SEED)
-    model = Qwen3ForCausalLM(config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        model = Qwen3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     # Qwen3's recommended sampling for thinking mode; greedy tests override it.
     sampling = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
     model.generation_config = GenerationConfig(
@@ -370,6 +380,8 @@ def fixture_options(checkpoint: Path, out: Path, quant: str = "int4", progress: 
         source=str(checkpoint),
         output=Path(out),
         quant=quant,
+        # The committed fixture and tests/test_export.py are the optimum layout's tests.
+        exporter="optimum",
         name=f"tiny-qwen3-{quant}",
         progress=progress,
         overwrite=True,

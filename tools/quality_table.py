@@ -42,7 +42,9 @@ LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 EDGED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("edged fp32", {"quant": "fp32"}),
     ("edged int8", {"quant": "int8"}),
-    ("edged int4 rtn (symmetric)", {"quant": "int4", "int4_algorithm": "rtn"}),
+    # The default: the stream exporter (one int4 matrix for the tied embedding and LM head).
+    ("edged int4 rtn, stream (default)", {"quant": "int4", "exporter": "stream"}),
+    ("edged int4 rtn, optimum", {"quant": "int4", "exporter": "optimum"}),
     ("edged int4 rtn asymmetric", {"quant": "int4", "int4_algorithm": "rtn-asym"}),
     ("edged int4 hqq", {"quant": "int4", "int4_algorithm": "hqq"}),
     ("edged int4 k-quant search", {"quant": "int4", "int4_algorithm": "kquant"}),

@@ -105,7 +105,7 @@ def inspect_graph(
     past_names, present_names = _kv_names(inputs, outputs, manifest.graph_file)
     first = inputs[past_names[0]]
     kv_heads, head_dim = _kv_shape(first, _genai_decoder(model_dir), manifest.graph_file)
-    gqa = manifest.exporter == "ort-genai" or "position_ids" not in inputs
+    gqa = manifest.exporter in ("ort-genai", "stream") or "position_ids" not in inputs
     shares = _genai_config(model_dir).get("search", {}).get("past_present_share_buffer")
     logits_shape = outputs["logits"].shape
     return GraphLayout(

@@ -57,7 +57,8 @@ class ModelManifest:
     source: str
     architecture: str
     exporter: str
-    """`optimum` (past/present per layer, growing) or `ort-genai` (GroupQueryAttention)."""
+    """`optimum` (past/present per layer, growing), or `stream` / `ort-genai` (both the
+    GroupQueryAttention layout with one in-place KV buffer per layer)."""
     quantization: Quantization
     context_length: int
     eos_token_ids: tuple[int, ...]

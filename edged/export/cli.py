@@ -23,7 +23,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("output", type=Path, help="edged model directory to write")
     parser.add_argument("--quant", choices=QUANT_METHODS, default="int4", help="default: int4")
-    parser.add_argument("--exporter", choices=EXPORTERS, default="optimum", help="default: optimum")
+    parser.add_argument(
+        "--exporter",
+        choices=EXPORTERS,
+        default="auto",
+        help="default: auto (stream, the least memory, where it can build the model; else optimum)",
+    )
     parser.add_argument(
         "--int4-algorithm",
         choices=INT4_ALGORITHMS,

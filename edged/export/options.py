@@ -11,7 +11,13 @@ INT4_ALGORITHMS = ("rtn", "rtn-asym", "hqq", "kquant", "gptq")
 the default) or asymmetric, HQQ's half-quadratic optimisation, the k-quant scale search
 (llama.cpp's idea, in onnxruntime's quantizer) or GPTQ with a calibration set. All store the
 same MatMulNBits blocks; `edged model eval` measures what each costs."""
-EXPORTERS = ("optimum", "ort-genai")
+EXPORTERS = ("auto", "stream", "optimum", "ort-genai")
+"""`stream`: edged's own builder, the GroupQueryAttention graph written tensor by tensor from
+the safetensors (Qwen3; int4 round-to-nearest or fp32; the least memory). `optimum`: traced
+with optimum (any architecture it knows; int8 and every int4 algorithm). `ort-genai`:
+onnxruntime-genai's model builder in its own virtualenv. `auto` (the default): `stream` when
+it can build the checkpoint with the options asked for, else `optimum`."""
+STREAM_QUANTS = ("int4", "fp32")
 
 
 class ExportError(Exception):
@@ -30,8 +36,8 @@ class ExportOptions:
     """How int4 weights are chosen: one of INT4_ALGORITHMS (`rtn`: symmetric round-to-nearest)."""
     calibration: Path | None = None
     """JSONL of dialogues (or {"text"} rows) whose activations calibrate `gptq`."""
-    exporter: str = "optimum"
-    """`optimum` (this package) or `ort-genai` (edged.export.genai_builder)."""
+    exporter: str = "auto"
+    """One of EXPORTERS; `auto` picks `stream` where it can, else `optimum`."""
     name: str | None = None
     """Model name in the manifest; default: the output directory's name."""
     context_length: int | None = None
@@ -65,10 +71,15 @@ class ExportOptions:
             raise ExportError(
                 f"int4_algorithm = {self.int4_algorithm!r} needs quant = 'int4', not {self.quant!r}"
             )
-        if self.exporter == "ort-genai" and self.int4_algorithm != "rtn":
+        if self.exporter in ("ort-genai", "stream") and self.int4_algorithm != "rtn":
             raise ExportError(
                 f"int4_algorithm = {self.int4_algorithm!r} is for exporter 'optimum'; the "
-                "ort-genai builder quantizes int4 its own way (round-to-nearest)"
+                f"{self.exporter} exporter quantizes int4 round-to-nearest (rtn)"
+            )
+        if self.exporter == "stream" and self.quant not in STREAM_QUANTS:
+            raise ExportError(
+                f"quant = {self.quant!r} is for exporter 'optimum'; the stream exporter "
+                f"writes {', '.join(STREAM_QUANTS)}"
             )
         if self.exporter not in EXPORTERS:
             raise ExportError(f"exporter = {self.exporter!r} is not one of {', '.join(EXPORTERS)}")

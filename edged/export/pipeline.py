@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edged.engine.manifest import MANIFEST_NAME, ModelManifest, write_manifest
 
 from . import assets, verify
@@ -42,6 +44,7 @@ class _Build:
     staging: Path
     stages: Stages
     tokenizer: Any
+    context_length: int
     verification: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,13 +58,14 @@ def export_model(opts: ExportOptions) -> ModelManifest:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    stages = Stages(_stage_names(opts, gguf_file is not None), opts.progress)
+    stages = Stages(["import gguf"] if gguf_file is not None else [], opts.progress)
     try:
         with tempfile.TemporaryDirectory(prefix="edged-export-") as work:
             checkpoint, imported = _checkpoint(opts, gguf_file, Path(work), stages)
             config = _read_config(checkpoint)
             architecture = _architecture(config, checkpoint)
-            context_length = _context_length(opts, config)
+            opts = replace(opts, exporter=choose_exporter(opts, config, checkpoint))
+            stages.extend(_stage_names(opts))
             build = _Build(
                 opts=opts,
                 checkpoint=checkpoint,
@@ -69,16 +73,14 @@ def export_model(opts: ExportOptions) -> ModelManifest:
                 staging=staging,
                 stages=stages,
                 tokenizer=AutoTokenizer.from_pretrained(checkpoint),
+                context_length=_context_length(opts, config),
             )
             if imported is not None:
                 build.verification["gguf"] = imported
-            if opts.exporter == "ort-genai":
-                _build_genai(build)
-            else:
-                _build_optimum(build)
+            _BUILDERS[opts.exporter](build)
             with stages.run("assets and manifest"):
                 assets.copy_assets(checkpoint, staging)
-                manifest = _write_manifest(build, architecture, context_length)
+                manifest = _write_manifest(build, architecture)
         _publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,11 +107,35 @@ def _checkpoint(
     return work / "from-gguf", {"file": gguf_file.name, "tensor_types": summary.tensor_types}
 
 
-def _stage_names(opts: ExportOptions, from_gguf: bool = False) -> list[str]:
-    if from_gguf:
-        return ["import gguf", *_stage_names(opts)]
-    if opts.exporter == "ort-genai":
-        names = ["build (ort-genai)"]
+def choose_exporter(opts: ExportOptions, config: dict[str, Any], checkpoint: Path) -> str:
+    """The exporter `auto` stands for: `stream` (least memory) when it can build this
+    checkpoint as asked, else `optimum`; any other choice is kept as given."""
+    if opts.exporter != "auto":
+        return opts.exporter
+    why = stream_unsupported(opts, config, checkpoint)
+    if why is None:
+        return "stream"
+    log.info("exporter auto: using optimum, since the stream exporter cannot: %s", why)
+    return "optimum"
+
+
+def stream_unsupported(opts: ExportOptions, config: dict[str, Any], checkpoint: Path) -> str | None:
+    """Why the stream exporter cannot do this export, or None."""
+    from .options import STREAM_QUANTS
+    from .stream_graph import unsupported_setting
+
+    if opts.quant not in STREAM_QUANTS:
+        return f"quant = {opts.quant!r}"
+    if opts.int4_algorithm != "rtn":
+        return f"int4_algorithm = {opts.int4_algorithm!r}"
+    if not any(checkpoint.glob("*.safetensors")):
+        return f"{checkpoint} holds no *.safetensors"
+    return unsupported_setting(config)
+
+
+def _stage_names(opts: ExportOptions) -> list[str]:
+    if opts.exporter in ("ort-genai", "stream"):
+        names = [f"build ({opts.exporter})"]
         if opts.verify:
             names.append("verify vs transformers")
     else:
@@ -218,27 +244,68 @@ def _build_genai(build: _Build) -> None:
             _verify_against_transformers(build, build.staging / GRAPH_FILE)
 
 
-def _verify_against_transformers(build: _Build, graph: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _build_stream(build: _Build) -> None:
+    """edged's own builder: the GroupQueryAttention graph, one tensor at a time."""
+    from .stream_graph import build as build_graph
 
-    model = AutoModelForCausalLM.from_pretrained(build.checkpoint, dtype=torch.float32).eval()
-    candidate = verify.OnnxCausalLM(graph)
+    opts = build.opts
+    with build.stages.run("build (stream)"):
+        build_graph(
+            build.checkpoint,
+            build.staging,
+            opts.quant,
+            build.context_length,
+            opts.last_token_logits,
+            opts.progress,
+        )
+    if opts.verify:
+        with build.stages.run("verify vs transformers"):
+            _verify_against_transformers(build, build.staging / GRAPH_FILE)
+
+
+REFERENCE_FP32_MAX_BYTES = 4 << 30
+"""Above this many bytes of fp32 weights (Qwen3-1.7B has 6.9 GB) a quantized export is checked
+against transformers in bfloat16, the dtype such models are published in, so that verification
+needs half the memory; an fp32 export is always checked in fp32, token for token."""
+
+
+def _reference_dtype(build: _Build) -> str:
+    if build.opts.quant == "fp32":
+        return "float32"
+    from .weights import CheckpointWeights
+
+    try:
+        weights = CheckpointWeights(build.checkpoint)
+    except ExportError:
+        return "float32"
+    count = sum(int(np.prod(e.shape, dtype=np.int64)) for e in weights.entries.values())
+    return "float32" if 4 * count <= REFERENCE_FP32_MAX_BYTES else "bfloat16"
+
+
+def _verify_against_transformers(build: _Build, graph: Path) -> None:
+    """Transformers first (then freed), the graph second: one model in memory at a time. An
+    fp32 graph must reproduce the greedy tokens; a quantized one has its agreement recorded."""
+    ids = assets.token_ids(build.checkpoint, build.tokenizer)
+    prompt = verify.prompt_ids(build.tokenizer)
     prompts = [build.tokenizer.encode(p) for p in verify.AGREEMENT_PROMPTS]
-    same = total = 0
-    for ids in prompts:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0]
-        expected = logits.argmax(-1).tolist()
-        got = candidate.next_token_argmax(ids)
-        same += sum(int(a == b) for a, b in zip(got, expected, strict=True))
-        total += len(ids)
-    build.verification["top1_agreement_vs_transformers"] = round(same / total, 4)
+    reference = verify.transformers_reference(
+        build.checkpoint, prompt, prompts, ids.eos, ids.pad, _reference_dtype(build)
+    )
+    candidate = verify.OnnxCausalLM(graph)
+    if build.opts.quant == "fp32":
+        got = candidate.greedy(prompt, verify.GREEDY_NEW_TOKENS, ids.eos)
+        build.verification["fp32_vs_transformers"] = verify.check_greedy_tokens(
+            got, reference.greedy, len(prompt)
+        )
+    agreement, total = verify.agreement_with(candidate, reference, prompts)
+    build.verification["top1_agreement_vs_transformers"] = round(agreement, 4)
     build.verification["prompts"] = len(prompts)
     build.verification["positions"] = total
+    if reference.dtype != "float32":
+        build.verification["reference_dtype"] = reference.dtype
 
 
-def _write_manifest(build: _Build, architecture: str, context_length: int) -> ModelManifest:
+def _write_manifest(build: _Build, architecture: str) -> ModelManifest:
     opts = build.opts
     final = g.load_graph(build.staging / GRAPH_FILE)
     quantization = g.describe_quantization(final)
@@ -255,7 +322,7 @@ def _write_manifest(build: _Build, architecture: str, context_length: int) -> Mo
         architecture=architecture,
         exporter=opts.exporter,
         quantization=quantization,
-        context_length=context_length,
+        context_length=build.context_length,
         eos_token_ids=ids.eos,
         graph_file=GRAPH_FILE,
         reasoning=ids.reasoning,
@@ -267,6 +334,13 @@ def _write_manifest(build: _Build, architecture: str, context_length: int) -> Mo
         description=opts.description,
     )
     return write_manifest(build.staging, manifest)
+
+
+_BUILDERS = {
+    "stream": _build_stream,
+    "optimum": _build_optimum,
+    "ort-genai": _build_genai,
+}
 
 
 def tool_versions() -> dict[str, str]:

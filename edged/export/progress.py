@@ -37,6 +37,13 @@ class Stages:
                 self._bar = None
         self.durations: dict[str, float] = {}
 
+    def extend(self, names: Sequence[str]) -> None:
+        """Plan more steps (what follows depends on what the first steps found)."""
+        self._names.extend(names)
+        if self._bar is not None:
+            self._bar.total = len(self._names)
+            self._bar.refresh()
+
     def run(self, name: str) -> _Stage:
         if name not in self._names:
             raise KeyError(f"stage {name!r} is not one of {self._names}")

@@ -176,7 +176,11 @@ def check_greedy_parity(
 ) -> dict[str, Any]:
     """Greedy tokens of the ONNX graph must equal transformers' `generate(do_sample=False)`."""
     expected = transformers_greedy(model, prompt, new_tokens, eos, pad)
-    got = graph.greedy(prompt, new_tokens, eos)
+    return check_greedy_tokens(graph.greedy(prompt, new_tokens, eos), expected, len(prompt))
+
+
+def check_greedy_tokens(got: list[int], expected: list[int], prompt_tokens: int) -> dict[str, Any]:
+    """The fp32 graph's greedy tokens must be transformers' own; raises where they part."""
     if got != expected:
         at = next(
             (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
@@ -185,10 +189,60 @@ def check_greedy_parity(
         raise ExportError(
             f"fp32 ONNX greedy tokens differ from transformers at new token {at}: "
             f"onnx {got[at : at + 4]} vs transformers {expected[at : at + 4]} "
-            f"(prompt of {len(prompt)} tokens); the export is not faithful"
+            f"(prompt of {prompt_tokens} tokens); the export is not faithful"
         )
     log.info("fp32 graph matches transformers on %d greedy tokens", len(got))
-    return {"tokens_equal": True, "new_tokens": len(got), "prompt_tokens": len(prompt)}
+    return {"tokens_equal": True, "new_tokens": len(got), "prompt_tokens": prompt_tokens}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What transformers says, computed before any ONNX session exists (one model in memory)."""
+
+    dtype: str
+    greedy: list[int]
+    """Greedy continuation of `prompt_ids(tokenizer)`."""
+    argmax: list[list[int]]
+    """Teacher-forced next-token argmax at every position of each agreement prompt."""
+
+
+def transformers_reference(
+    checkpoint: Path,
+    prompt: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    eos: Sequence[int],
+    pad: int | None,
+    dtype: str = "float32",
+) -> Reference:
+    """Run the checkpoint in transformers once, keep only token ids, and free the model."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+    greedy = transformers_greedy(model, prompt, GREEDY_NEW_TOKENS, eos, pad)
+    argmax = []
+    for ids in prompts:
+        with torch.no_grad():
+            argmax.append(model(torch.tensor([list(ids)])).logits[0].argmax(-1).tolist())
+    del model
+    gc.collect()
+    return Reference(dtype, greedy, argmax)
+
+
+def agreement_with(
+    candidate: OnnxCausalLM, reference: Reference, prompts: Sequence[Sequence[int]]
+) -> tuple[float, int]:
+    """Share of teacher-forced positions where the graph picks transformers' next token."""
+    same = total = 0
+    for ids, expected in zip(prompts, reference.argmax, strict=True):
+        got = candidate.next_token_argmax(ids)
+        same += sum(int(a == b) for a, b in zip(got, expected, strict=True))
+        total += len(ids)
+    if total == 0:
+        raise ExportError("agreement prompts tokenized to nothing")
+    return same / total, total
 
 
 def check_last_logits(full: OnnxCausalLM, last: OnnxCausalLM, ids: Sequence[int]) -> float:

@@ -1,0 +1,274 @@
+"""The stream exporter (`edged model export`'s default): the GroupQueryAttention graph written
+tensor by tensor from the safetensors, so that exporting needs about one tensor of memory.
+
+What a user relies on: the fp32 graph says exactly what transformers says; the int4 blocks are
+onnxruntime's own; the graph is the one onnxruntime-genai's builder makes (so the engine runs it
+with its in-place KV buffers); `auto` falls back to optimum for what the stream exporter cannot
+build, and asking it for that directly is refused with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _models import export_deps_missing, make_test_model
+
+from edged.engine.manifest import load_manifest
+from edged.export import ExportError, ExportOptions
+
+_MISSING = export_deps_missing()
+needs_export = pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "")
+FIXTURES = Path(__file__).parent / "fixtures"
+GQA_FIXTURE = FIXTURES / "tiny-qwen3-gqa-int4"
+DEMO_CHECKPOINT = FIXTURES / "demo-clinical-hf"
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    if _MISSING:
+        pytest.skip(_MISSING)
+    builder = make_test_model()
+    return builder.build_checkpoint(tmp_path_factory.mktemp("tiny-qwen3") / "checkpoint")
+
+
+def _export(source: Path, out: Path, **options) -> Path:
+    from edged.export import export_model
+
+    export_model(ExportOptions(source=str(source), output=out, progress=False, **options))
+    return out
+
+
+def _feeds(session, ids: list[int]) -> dict[str, np.ndarray]:
+    feeds = {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+    }
+    for item in session.get_inputs():
+        if item.name.startswith("past_key_values."):
+            _, heads, _, dim = item.shape
+            feeds[item.name] = np.zeros((1, heads, 0, dim), dtype=np.float32)
+    return feeds
+
+
+def _logits(graph: Path, ids: list[int]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], _feeds(session, ids))[0][0]
+
+
+# --- int4 blocks and the safetensors reader ---------------------------------------------------
+
+
+def test_int4_blocks_in_bands_are_onnxruntime_quantizers_bytes():
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    from edged.export.int4_blocks import dequantize, quantize_rows
+
+    rng = np.random.default_rng(7)
+    weight = rng.normal(size=(300, 96)).astype(np.float32)  # [N out, K in], as HF stores it
+    weight[3, 5] = 40.0  # an outlier block
+    ours = quantize_rows([weight[:128], weight[128:256], weight[256:]])
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True)
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(weight.T.copy())
+    assert np.array_equal(ours.packed, packed)
+    assert np.array_equal(ours.scales, scales.reshape(ours.scales.shape))
+    # And the blocks stand for the weights: half a step off at most, except at the clipped end
+    # (the largest magnitude maps to -8, the opposite sign can reach only +7): one step there.
+    step = np.abs(np.repeat(ours.scales, 32, axis=1))  # scales carry the block's sign
+    error = np.abs(dequantize(ours) - weight) / step
+    assert error.max() <= 1.0 and np.mean(error <= 0.5 + 1e-6) > 0.98
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_weights_reader_returns_float32_rows_of_every_dtype(tmp_path, dtype):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from edged.export.weights import CheckpointWeights
+
+    table = torch.randn(50, 8).to(getattr(torch, dtype))
+    save_file({"a.weight": table, "b.bias": table[0].clone()}, str(tmp_path / "m.safetensors"))
+    weights = CheckpointWeights(tmp_path)
+    expected = table.float().numpy()
+    assert np.array_equal(weights.tensor("a.weight"), expected)
+    assert np.array_equal(weights.rows("a.weight", 10, 13), expected[10:13])
+    assert np.array_equal(np.concatenate(list(weights.row_bands("a.weight", 16))), expected)
+    assert np.array_equal(weights.tensor("b.bias"), expected[0])
+    with pytest.raises(ExportError, match="no tensor 'c.weight'"):
+        weights.tensor("c.weight")
+
+
+def test_weights_reader_names_missing_and_truncated_files(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from edged.export.weights import CheckpointWeights
+
+    with pytest.raises(ExportError, match="no \\*.safetensors files.*exporter 'optimum'"):
+        CheckpointWeights(tmp_path)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ExportError, match="tensor 'w' is truncated"):
+        CheckpointWeights(tmp_path).tensor("w")
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+
+@needs_export
+def test_stream_fp32_graph_is_transformers_to_float_precision(checkpoint, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = _export(checkpoint, tmp_path / "fp32", quant="fp32", last_token_logits=False)
+    manifest = load_manifest(out)
+    assert manifest.exporter == "stream" and manifest.quantization.method == "fp32"
+    assert manifest.verification["fp32_vs_transformers"]["tokens_equal"] is True
+    assert manifest.verification["top1_agreement_vs_transformers"] == 1.0
+
+    ids = [5, 17, 300, 42, 99, 7, 1000, 3, 250, 11]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    got = _logits(out / "model.onnx", ids)
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) < 1e-3 * np.max(np.abs(expected))
+
+
+@needs_export
+def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_path):
+    """The committed tiny-qwen3-gqa-int4 was made by onnxruntime-genai's builder from the same
+    seeded checkpoint: the stream exporter must make the same graph with the same int4 blocks."""
+    import onnx
+
+    out = _export(checkpoint, tmp_path / "int4", context_length=2048)
+    ours = onnx.load(str(out / "model.onnx"))
+    theirs = onnx.load(str(GQA_FIXTURE / "model.onnx"))
+    ops = Counter(n.op_type for n in ours.graph.node if n.op_type != "Constant")
+    assert ops == Counter(n.op_type for n in theirs.graph.node if n.op_type != "Constant")
+    assert sorted(i.name for i in ours.graph.input) == sorted(i.name for i in theirs.graph.input)
+    assert sorted(o.name for o in ours.graph.output) == sorted(o.name for o in theirs.graph.output)
+    # One int4 matrix read by both the embedding and the LM head.
+    shared = {n.input[0] for n in ours.graph.node if n.op_type == "Reshape"} & {
+        n.input[1] for n in ours.graph.node if n.op_type == "MatMulNBits"
+    }
+    assert len(shared) == 1
+
+    ids = [5, 17, 300, 42, 99, 7, 1000, 3]
+    for n in range(1, len(ids) + 1):
+        a, b = _logits(out / "model.onnx", ids[:n]), _logits(GQA_FIXTURE / "model.onnx", ids[:n])
+        assert np.argmax(a[-1]) == np.argmax(b[-1])
+        assert np.max(np.abs(a - b)) < 1e-3
+
+    manifest = load_manifest(out)
+    assert manifest.exporter == "stream" and manifest.logits == "last"
+    q = manifest.quantization
+    assert (q.method, q.symmetric, q.lm_head, q.embedding) == (
+        "int4",
+        True,
+        True,
+        "GatherBlockQuantized",
+    )
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert config["model"]["decoder"]["head_size"] == 16
+
+
+@needs_export
+def test_demo_model_from_the_stream_exporter_answers_in_the_engine(tmp_path):
+    """The trained demo checkpoint: int4 agrees with transformers on most next tokens, and the
+    engine (in-place KV buffers) answers a clinical question with it."""
+    from edged.engine import Engine, EngineOptions
+    from edged.engine.generate import GenerationConfig
+
+    out = _export(DEMO_CHECKPOINT, tmp_path / "demo")
+    manifest = load_manifest(out)
+    assert manifest.exporter == "stream"
+    assert manifest.verification["top1_agreement_vs_transformers"] >= 0.8
+    engine = Engine.load(out, EngineOptions(threads=1, context_length=512))
+    assert engine.layout.kind == "gqa" and engine.layout.shared_kv_buffer is True
+    question = [{"role": "user", "content": "My heart rate is 118 at rest. Should I worry?"}]
+    result = engine.chat(question, GenerationConfig(max_new_tokens=80))
+    assert result.completion_tokens > 5
+    assert len(result.text.split()) >= 5, result
+
+
+# --- choosing the exporter ----------------------------------------------------------------------
+
+
+def _qwen3_dir(tmp_path: Path, **config) -> Path:
+    shutil.copy(DEMO_CHECKPOINT / "config.json", tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(config)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "options, config, expected",
+    [
+        ({}, {}, "stream"),
+        ({"quant": "fp32"}, {}, "stream"),
+        ({"quant": "int8"}, {}, "optimum"),
+        ({"int4_algorithm": "hqq"}, {}, "optimum"),
+        ({}, {"architectures": ["LlamaForCausalLM"]}, "optimum"),
+        ({}, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "optimum"),
+        ({"exporter": "optimum"}, {}, "optimum"),
+    ],
+)
+def test_auto_exporter_is_stream_where_it_can_build_else_optimum(
+    tmp_path, options, config, expected
+):
+    from edged.export.pipeline import choose_exporter
+
+    source = _qwen3_dir(tmp_path, **config)
+    opts = ExportOptions(source=str(source), output=tmp_path / "out", **options)
+    data = json.loads((source / "config.json").read_text())
+    assert choose_exporter(opts, data, source) == expected
+
+
+def test_auto_exporter_needs_safetensors(tmp_path):
+    from edged.export.pipeline import choose_exporter
+
+    source = _qwen3_dir(tmp_path)
+    (source / "model.safetensors").unlink()
+    opts = ExportOptions(source=str(source), output=tmp_path / "out")
+    assert choose_exporter(opts, json.loads((source / "config.json").read_text()), source) == (
+        "optimum"
+    )
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"quant": "int8"}, "quant = 'int8' is for exporter 'optimum'"),
+        ({"int4_algorithm": "gptq", "calibration": Path("c.jsonl")}, "quantizes int4 round-to"),
+    ],
+)
+def test_stream_exporter_refuses_what_it_cannot_write(options, message):
+    with pytest.raises(ExportError, match=message):
+        ExportOptions(source="ckpt", output=Path("out"), exporter="stream", **options)
+
+
+@needs_export
+def test_stream_exporter_refuses_an_unsupported_checkpoint_naming_the_setting(tmp_path):
+    source = tmp_path / "ckpt"
+    shutil.copytree(DEMO_CHECKPOINT, source)
+    config = json.loads((source / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="rope_scaling = .*yarn.* is not supported"):
+        _export(source, tmp_path / "out", exporter="stream")
+    assert not (tmp_path / "out").exists()
