@@ -112,6 +112,12 @@ class ModelConfig(Section):
         "small board they steal the CPU the MQTT and vitals path needs",
     )
     verify_hashes: bool = Field(True, description="check the model files' sha256 at start")
+    prepacked_cache: bool = Field(
+        True,
+        description="keep the graph with onnxruntime's prepacked weights under "
+        "delivery.state_dir/prepacked (written at the first start, about 2.4x the model on "
+        "disk) and memory-map it at later starts instead of repacking onto the heap",
+    )
     enabled: bool = Field(
         True,
         description="false: never run the model; every query is answered from the "

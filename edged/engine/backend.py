@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edged.engine.generate import (
@@ -79,13 +80,16 @@ class InferenceBackend(Protocol):
 BACKENDS: dict[str, str] = {
     "onnxruntime-cpu": "edged.engine.backends.onnxruntime_cpu",
 }
-"""`model.type` -> the module whose `load(config, preferred_cores)` builds that backend.
+"""`model.type` -> the module whose `load(config, preferred_cores, cache_dir)` builds that
+backend (`cache_dir`: a directory it may keep derived files in, such as a prepacked graph).
 Imported on use, so a board only imports the runtime it runs."""
 
 
-def load_backend(config: ModelConfig, preferred_cores: tuple[int, ...] = ()) -> InferenceBackend:
+def load_backend(
+    config: ModelConfig, preferred_cores: tuple[int, ...] = (), cache_dir: Path | None = None
+) -> InferenceBackend:
     """The backend `config.type` names, loaded from `config.path`. Raises ModelDirError for a
     model directory it cannot run (missing files, hashes, a graph the runtime rejects)."""
     module = importlib.import_module(BACKENDS[config.type])
-    backend: InferenceBackend = module.load(config, preferred_cores)
+    backend: InferenceBackend = module.load(config, preferred_cores, cache_dir)
     return backend

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edged.engine import prepacked
 from edged.engine.backend import BackendInfo
 from edged.engine.generate import (
     GenerationConfig,
@@ -64,6 +65,10 @@ class EngineOptions:
     preferred_cores: tuple[int, ...] = ()
     """Cores taken first when inference is narrowed to fewer than all (big cores first on a
     big.LITTLE board); the rest follow in order."""
+    prepacked_cache: Path | None = None
+    """Where to keep the graph with onnxruntime's prepacked weights (edged.engine.prepacked),
+    written at the first load and memory-mapped at the next; None = repack on the heap at every
+    load, as onnxruntime does by default."""
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -85,6 +90,44 @@ def session_options(threads: int, spin: bool) -> ort.SessionOptions:
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
+
+
+def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _open_session(
+    graph: Path, manifest: ModelManifest, options: EngineOptions, threads: int, spin: bool
+) -> tuple[ort.InferenceSession, set[int]]:
+    """The session and its pool's threads: on the prepacked copy when there is a good one, else
+    on the original graph (writing the copy on the way when a cache directory is given)."""
+    cache = options.prepacked_cache
+    if cache is not None:
+        entry = prepacked.entry_for(cache, manifest)
+        if entry.directory.exists():
+            cached, pool = created_threads(
+                lambda: prepacked.open_copy(
+                    entry, lambda p: _session(p, session_options(threads, spin))
+                )
+            )
+            if cached is not None:
+                log.info("graph: prepacked copy %s", entry.directory)
+                return cached, pool
+        if prepacked.has_room(cache, graph.parent, manifest):
+            try:
+                return created_threads(
+                    lambda: prepacked.write_copy(
+                        entry,
+                        lambda o: _session(graph, o),
+                        session_options(threads, spin),
+                        manifest,
+                    )
+                )
+            except Exception as exc:  # noqa: BLE001 - a full or read-only disk, or onnxruntime
+                # failing to save, costs the cache, not the start: the original graph loads
+                # below, and a graph that cannot load at all fails there with its own error.
+                log.warning("prepacked cache: cannot write under %s: %s", cache, exc)
+    return created_threads(lambda: _session(graph, session_options(threads, spin)))
 
 
 class Engine:
@@ -130,13 +173,7 @@ class Engine:
         spin = options.spin if options.spin is not None else threads >= cores
         graph = model_dir / manifest.graph_file
         try:
-            session, pool = created_threads(
-                lambda: ort.InferenceSession(
-                    str(graph),
-                    sess_options=session_options(threads, spin),
-                    providers=["CPUExecutionProvider"],
-                )
-            )
+            session, pool = _open_session(graph, manifest, options, threads, spin)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             # The installed version is the first thing to check when a graph will not load: an
             # export from a newer toolchain uses operator attributes older runtimes reject.

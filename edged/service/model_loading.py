@@ -33,7 +33,7 @@ def load_model(config: EdgedConfig) -> InferenceBackend | None:
                 list(preferred),
                 [capacities.get(cpu) for cpu in preferred],
             )
-        return load_backend(m, preferred)
+        return load_backend(m, preferred, config.delivery.state_dir)
     except (ModelDirError, ModelDoesNotFit) as exc:
         log.error("model cannot be loaded, serving triage-only (degraded) answers: %s", exc)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edged.engine.engine import Engine, EngineOptions
@@ -10,7 +11,9 @@ if TYPE_CHECKING:
     from edged.config.models import ModelConfig
 
 
-def load(config: ModelConfig, preferred_cores: tuple[int, ...]) -> Engine:
+def load(
+    config: ModelConfig, preferred_cores: tuple[int, ...], cache_dir: Path | None = None
+) -> Engine:
     return Engine.load(
         config.path,
         EngineOptions(
@@ -19,5 +22,8 @@ def load(config: ModelConfig, preferred_cores: tuple[int, ...]) -> Engine:
             verify_hashes=config.verify_hashes,
             spin=config.spin_threads,
             preferred_cores=preferred_cores,
+            prepacked_cache=cache_dir / "prepacked"
+            if cache_dir is not None and config.prepacked_cache
+            else None,
         ),
     )
