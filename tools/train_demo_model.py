@@ -257,7 +257,7 @@ def _to_bf16(checkpoint: Path) -> None:
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export(checkpoint: Path, out: Path, exporter: str = "optimum") -> Any:
+def export(checkpoint: Path, out: Path, exporter: str = "stream") -> Any:
     from edged.export import ExportOptions, export_model
 
     return export_model(
@@ -266,7 +266,7 @@ def export(checkpoint: Path, out: Path, exporter: str = "optimum") -> Any:
             output=out,
             quant="int4",
             exporter=exporter,
-            name=NAME if exporter == "optimum" else f"{NAME}-gqa",
+            name=NAME if exporter == "stream" else f"{NAME}-{exporter}",
             description=DESCRIPTION,
             overwrite=True,
             source_label="tools/train_demo_model.py (tests/fixtures/demo-clinical-hf)",
@@ -280,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint directory")
     ap.add_argument("--export", type=Path, default=None, help="write the int4 edged model here")
     ap.add_argument("--export-only", action="store_true", help="export an existing checkpoint")
-    ap.add_argument("--exporter", choices=("optimum", "ort-genai"), default="optimum")
+    ap.add_argument(
+        "--exporter",
+        choices=("stream", "optimum", "ort-genai"),
+        default="stream",
+        help="default: stream, edged's default exporter (the GroupQueryAttention graph)",
+    )
     ap.add_argument("--minutes", type=float, default=25.0, help="training time budget")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=16)
