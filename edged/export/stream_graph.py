@@ -125,6 +125,15 @@ class GraphWriter:
         self.initializers.append(tensor)
         return name
 
+    def alias(self, name: str, of: str, dims: list[int]) -> str:
+        """An initializer named `name` reading the same data-file bytes as `of`, shaped `dims`."""
+        source = next(t for t in self.initializers if t.name == of)
+        tensor = TensorProto(name=name, dims=dims, data_type=source.data_type)
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.extend(source.external_data)
+        self.initializers.append(tensor)
+        return name
+
     def ints(self, *values: int) -> str:
         """A 1-D int64 Constant (shapes, split sizes, axes), made once per distinct value."""
         return self._constant(f"/model/constants/INT64/{list(values)}", [len(values)], values)
@@ -244,11 +253,10 @@ def _embedding(b: _Build) -> tuple[str, tuple[str, str] | None, Int4Matrix | Non
     q = quantize_rows(b.weights.row_bands(table, BAND_ROWS))
     head = "lm_head" if s.tied else "model.embed_tokens"
     names = b.int4_weight(head, q)
-    flat = w.node(
-        "Reshape",
-        [names[0], w.ints(q.n, q.packed.shape[1] * BLOB_BYTES)],
-        "/model/embed_tokens/Reshape",
-    )
+    # GatherBlockQuantized wants the blocks as [N, K / 2]: a second initializer over the same
+    # bytes of the data file, not a Reshape node, which onnxruntime would constant-fold into a
+    # heap copy of the largest matrix at every load.
+    flat = w.alias(f"{head}.weight_Q4_rows", names[0], [q.n, q.packed.shape[1] * BLOB_BYTES])
     out = w.node(
         "GatherBlockQuantized",
         [flat, "input_ids", names[1]],
