@@ -235,11 +235,18 @@ def agreement_with(
     candidate: OnnxCausalLM, reference: Reference, prompts: Sequence[Sequence[int]]
 ) -> tuple[float, int]:
     """Share of teacher-forced positions where the graph picks transformers' next token."""
+    return _agreement(
+        (candidate.next_token_argmax(ids), expected)
+        for ids, expected in zip(prompts, reference.argmax, strict=True)
+    )
+
+
+def _agreement(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> tuple[float, int]:
+    """(share of equal positions, positions) over pairs of next-token sequences."""
     same = total = 0
-    for ids, expected in zip(prompts, reference.argmax, strict=True):
-        got = candidate.next_token_argmax(ids)
+    for got, expected in pairs:
         same += sum(int(a == b) for a, b in zip(got, expected, strict=True))
-        total += len(ids)
+        total += len(got)
     if total == 0:
         raise ExportError("agreement prompts tokenized to nothing")
     return same / total, total
@@ -269,12 +276,7 @@ def top1_agreement(
     """Share of teacher-forced positions where both graphs pick the same next token."""
     from .progress import bar
 
-    same = total = 0
-    for ids in bar(prompts, desc="top-1 agreement", enabled=progress):
-        a = candidate.next_token_argmax(ids)
-        b = reference.next_token_argmax(ids)
-        same += sum(int(x == y) for x, y in zip(a, b, strict=True))
-        total += len(a)
-    if total == 0:
-        raise ExportError("agreement prompts tokenized to nothing")
-    return same / total, total
+    return _agreement(
+        (candidate.next_token_argmax(ids), reference.next_token_argmax(ids))
+        for ids in bar(prompts, desc="top-1 agreement", enabled=progress)
+    )
