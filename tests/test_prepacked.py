@@ -138,13 +138,13 @@ def test_a_new_model_replaces_the_old_copy(tmp_path):
     assert [p.name for p in cache.iterdir()] == [_entry(TINY_QWEN3_INT4, cache).key]
 
 
-def test_the_daemons_backend_caches_under_the_state_dir_unless_disabled(tmp_path):
+def test_the_daemons_backend_caches_under_the_state_dir_when_enabled(tmp_path):
     from edged.config.models import ModelConfig
     from edged.engine import load_backend
 
-    on = ModelConfig(path=GQA, threads=1, context_length=256)
+    on = ModelConfig(path=GQA, threads=1, context_length=256, prepacked_cache=True)
     load_backend(on, (), tmp_path / "state")
     assert prepacked.check_copy(_entry(GQA, tmp_path / "state" / "prepacked")) is None
-    off = ModelConfig(path=GQA, threads=1, context_length=256, prepacked_cache=False)
+    off = ModelConfig(path=GQA, threads=1, context_length=256)  # the default: off
     load_backend(off, (), tmp_path / "state-off")
     assert not (tmp_path / "state-off").exists()

@@ -113,10 +113,12 @@ class ModelConfig(Section):
     )
     verify_hashes: bool = Field(True, description="check the model files' sha256 at start")
     prepacked_cache: bool = Field(
-        True,
+        False,
         description="keep the graph with onnxruntime's prepacked weights under "
         "delivery.state_dir/prepacked (written at the first start, about 2.4x the model on "
-        "disk) and memory-map it at later starts instead of repacking onto the heap",
+        "disk) and memory-map it at later starts instead of repacking onto the heap: the "
+        "weights become reclaimable file pages, but RSS is not lower (README, Start-up and "
+        "memory)",
     )
     enabled: bool = Field(
         True,
