@@ -232,6 +232,7 @@ def _qwen3_dir(tmp_path: Path, **config) -> Path:
         ({"int4_algorithm": "hqq"}, {}, "optimum"),
         ({}, {"architectures": ["LlamaForCausalLM"]}, "optimum"),
         ({}, {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "optimum"),
+        ({}, {"rope_scaling": {"rope_type": "default"}}, "stream"),
         ({"exporter": "optimum"}, {}, "optimum"),
     ],
 )

@@ -87,7 +87,7 @@ def unsupported_setting(config: dict[str, Any]) -> str | None:
             f"{', '.join(SUPPORTED_ARCHITECTURES)}",
         ),
         (config.get("hidden_act", "silu") == "silu", f"hidden_act = {config.get('hidden_act')!r}"),
-        (not config.get("rope_scaling"), f"rope_scaling = {config.get('rope_scaling')!r}"),
+        (_plain_rope(config.get("rope_scaling")), f"rope_scaling = {config.get('rope_scaling')!r}"),
         (not config.get("attention_bias"), "attention_bias = true"),
         (not config.get("use_sliding_window"), "use_sliding_window = true"),
     ]
@@ -95,6 +95,13 @@ def unsupported_setting(config: dict[str, Any]) -> str | None:
         if not ok:
             return what if what.startswith("architectures") else f"{what} is not supported"
     return None
+
+
+def _plain_rope(scaling: Any) -> bool:
+    """No rope scaling: absent, or transformers' explicit `{"rope_type": "default"}`."""
+    if not scaling:
+        return True
+    return isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default"
 
 
 class GraphWriter:
@@ -233,11 +240,9 @@ def _mask_lengths(w: GraphWriter) -> tuple[str, str]:
 
 def _rotary_caches(w: GraphWriter, shape: Qwen3Shape, positions: int) -> tuple[str, str]:
     """cos and sin of position × inverse frequency, [positions, head_dim / 2], as HF computes."""
-    half = shape.head_dim // 2
     exponents = np.arange(0, shape.head_dim, 2, dtype=np.int64).astype(np.float32)
     inv_freq = 1.0 / (shape.rope_theta ** (exponents / shape.head_dim))
     angles = np.outer(np.arange(positions, dtype=np.float32), inv_freq.astype(np.float32))
-    assert angles.shape == (positions, half)
     cos = w.weight("cos_cache", np.cos(angles).astype(np.float32))
     sin = w.weight("sin_cache", np.sin(angles).astype(np.float32))
     return cos, sin
