@@ -123,6 +123,31 @@ def test_weights_reader_names_missing_and_truncated_files(tmp_path):
         CheckpointWeights(tmp_path).tensor("w")
 
 
+def test_safetensors_written_a_tensor_at_a_time_read_back_by_the_safetensors_library(tmp_path):
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from edged.export.weights import CheckpointWeights, write_safetensors
+
+    rng = np.random.default_rng(3)
+    tensors = {"a.weight": rng.normal(size=(5, 3)), "b.bias": rng.normal(size=(7,))}
+    path = tmp_path / "model.safetensors"
+    asked = []
+
+    def data(name):
+        asked.append(name)
+        return tensors[name]
+
+    write_safetensors(path, [(n, t.shape) for n, t in tensors.items()], data)
+    assert asked == ["a.weight", "b.bias"]  # each produced once, in order
+    loaded = load_file(str(path))
+    for name, tensor in tensors.items():
+        assert np.array_equal(loaded[name].numpy(), tensor.astype(np.float32))
+        assert np.array_equal(CheckpointWeights(tmp_path).tensor(name), tensor.astype(np.float32))
+    with pytest.raises(ExportError, match="a.weight: got shape"):
+        write_safetensors(path, [("a.weight", (2, 2))], data)
+
+
 # --- the graph ----------------------------------------------------------------------------------
 
 

@@ -3,8 +3,11 @@ export and its verification run on it (`edged model export FILE.gguf OUT`).
 
 MedPsy and most small models are published as GGUF as well as safetensors; a clinic that
 downloaded the GGUF should not need the other. The `gguf` package reads the file: its metadata
-gives the model's shape and tokenizer, and every tensor is dequantized to float32 (the exporter
-then quantizes it its own way; `edged model eval` measures what the round trip costs). A
+gives the model's shape and tokenizer, and every tensor is dequantized and written, one at a
+time, as bfloat16 (the dtype the models are published in: it keeps the import and the
+verification's reference model at half the memory of float32; its rounding, 2^-9 relative, is
+far below the int4 step the exporter then quantizes to its own way; `edged model eval`
+measures what the round trip costs). A
 directory holding one GGUF and a `tokenizer.json` is read with that tokenizer instead of the one
 rebuilt from the metadata.
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import ExportError
+from .weights import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ def _config(reader: Any, arch: str, vocab_rows: int, tied: bool) -> dict[str, An
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos,
         "hidden_act": "silu",
-        "torch_dtype": "float32",
+        "torch_dtype": "bfloat16",
     }
 
 
@@ -160,18 +164,21 @@ def hf_name(gguf_name: str) -> str:
     raise ExportError(f"GGUF tensor {gguf_name} has no Hugging Face name (Qwen2/Qwen3)")
 
 
-def _state_dict(reader: Any) -> dict[str, Any]:
+def _write_weights(reader: Any, path: Path) -> dict[str, tuple[int, ...]]:
+    """Dequantize every tensor into a bfloat16 safetensors file, one tensor at a time; returns
+    the Hugging Face names and shapes."""
     import gguf
-    import numpy as np
-    import torch
 
-    state: dict[str, Any] = {}
-    for t in reader.tensors:
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
-        data = np.array(array.reshape(shape), dtype=np.float32)  # a writable copy
-        state[hf_name(t.name)] = torch.from_numpy(data)
-    return state
+    by_name = {hf_name(t.name): t for t in reader.tensors}
+    # GGUF lists the fastest dimension first.
+    shapes = {name: tuple(int(n) for n in reversed(t.shape)) for name, t in by_name.items()}
+
+    def dequantized(name: str) -> Any:
+        t = by_name[name]
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[name])
+
+    write_safetensors(path, list(shapes.items()), dequantized, dtype="BF16")
+    return shapes
 
 
 def _tokenizer(reader: Any, out: Path) -> None:
@@ -229,18 +236,18 @@ def _tokenizer(reader: Any, out: Path) -> None:
 
 
 def gguf_to_checkpoint(path: Path, out: Path) -> GgufSummary:
-    """Write a float32 Hugging Face checkpoint for the GGUF at `path` into `out`."""
+    """Write a bfloat16 Hugging Face checkpoint for the GGUF at `path` into `out`."""
     import gguf
-    from safetensors.torch import save_file
 
     reader = gguf.GGUFReader(str(path))
     summary = check(reader, path)
     arch = summary.architecture
-    state = _state_dict(reader)
-    tied = "lm_head.weight" not in state
-    vocab_rows = int(state["model.embed_tokens.weight"].shape[0])
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shapes = _write_weights(reader, out / "model.safetensors")
+    if "model.embed_tokens.weight" not in shapes:
+        raise ExportError(f"{path}: no token_embd.weight tensor")
+    tied = "lm_head.weight" not in shapes
+    vocab_rows = shapes["model.embed_tokens.weight"][0]
     config = _config(reader, arch, vocab_rows, tied)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     eos = config["eos_token_id"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,3 +119,42 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
         begin = int(info["data_offsets"][0])
         entries[name] = TensorEntry(path, info["dtype"], tuple(info["shape"]), 8 + length + begin)
     return entries
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Sequence[tuple[str, tuple[int, ...]]],
+    data: Callable[[str], np.ndarray],
+    dtype: str = "F32",
+) -> None:
+    """Write tensors into a safetensors file one at a time: the header (every name, shape and
+    offset) first, then each tensor's bytes as `data(name)` returns them, so that only one
+    tensor is ever in memory. `dtype` "BF16" rounds float32 to nearest even."""
+    width = _DTYPES[dtype][1]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        size = width * int(np.prod(shape, dtype=np.int64))
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in tensors:
+            array = np.ascontiguousarray(data(name), dtype="<f4")
+            if array.shape != tuple(shape):
+                raise ExportError(f"{name}: got shape {array.shape}, the header says {shape}")
+            (to_bfloat16(array) if dtype == "BF16" else array).tofile(f)
+
+
+def to_bfloat16(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even, as torch rounds."""
+    bits = array.astype("<f4", copy=False).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype("<u2")
