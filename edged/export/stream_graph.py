@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,21 @@ class GraphWriter:
             self._constants.add(name)
         return name
 
-    def node(self, op: str, inputs: list[str], name: str, outputs: int = 1, **attrs: Any) -> str:
-        """Add `op`; returns its first output (`name/output_0`); others are `name/output_i`."""
+    def node(
+        self,
+        op: str,
+        inputs: list[str],
+        name: str,
+        outputs: int | Sequence[str] = 1,
+        **attrs: Any,
+    ) -> str:
+        """Add `op` and return its first output. `outputs` is a count (named `name/output_i`)
+        or the names themselves ("" for an optional output left unused)."""
         domain = _MS if op in _CONTRIB_OPS else None
-        outs = [f"{name}/output_{i}" for i in range(outputs)]
+        if isinstance(outputs, int):
+            outs = [f"{name}/output_{i}" for i in range(outputs)]
+        else:
+            outs = list(outputs)
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
         return outs[0]
 
@@ -197,24 +209,29 @@ class _Build:
     shape: Qwen3Shape
     quant: str
 
-    def linear(self, name: str, x: str, tensors: list[str]) -> str:
-        """x @ Wᵀ for the weights `tensors` stacked along their rows (one fused matrix)."""
+    def linear(self, name: str, x: str, tensors: list[str], output: str | None = None) -> str:
+        """x @ Wᵀ for the weights `tensors` stacked along their rows (one fused matrix);
+        `output` names the result (default: from the node's name)."""
         if self.quant == "fp32":
             matrix = np.concatenate([self.weights.tensor(t) for t in tensors]).T
-            return self.w.node("MatMul", [x, self.w.weight(f"{name}.weight", matrix)], name)
+            weight = self.w.weight(f"{name}.weight", matrix)
+            return self.w.node("MatMul", [x, weight], name, [output] if output else 1)
         q = quantize_rows(band for t in tensors for band in self.weights.row_bands(t, BAND_ROWS))
-        return self.matmul_nbits(name, x, self.int4_weight(name, q), q)
+        return self.matmul_nbits(name, x, self.int4_weight(name, q), q, output)
 
     def int4_weight(self, name: str, q: Int4Matrix) -> tuple[str, str]:
         return self.w.weight(f"{name}.weight_Q4", q.packed), self.w.weight(
             f"{name}.weight_scales", q.scales
         )
 
-    def matmul_nbits(self, name: str, x: str, names: tuple[str, str], q: Int4Matrix) -> str:
+    def matmul_nbits(
+        self, name: str, x: str, names: tuple[str, str], q: Int4Matrix, output: str | None = None
+    ) -> str:
         return self.w.node(
             "MatMulNBits",
             [x, *names],
             f"{name}/MatMul_Q4",
+            [output] if output else 1,
             K=q.k,
             N=q.n,
             bits=4,
@@ -248,13 +265,17 @@ def _rotary_caches(w: GraphWriter, shape: Qwen3Shape, positions: int) -> tuple[s
     return cos, sin
 
 
-def _embedding(b: _Build) -> tuple[str, tuple[str, str] | None, Int4Matrix | None]:
+_Shared = tuple[tuple[str, str], Int4Matrix]
+"""The int4 matrix a tied model's embedding and LM head share: (blocks, scales) names, blocks."""
+
+
+def _embedding(b: _Build) -> tuple[str, _Shared | None]:
     """The embedding lookup; for a tied int4 model also the LM head's shared int4 matrix."""
     w, s = b.w, b.shape
     table = "model.embed_tokens.weight"
     if b.quant == "fp32":
         name = w.weight(table, b.weights.tensor(table))
-        return w.node("Gather", [name, "input_ids"], "/model/embed_tokens/Gather"), None, None
+        return w.node("Gather", [name, "input_ids"], "/model/embed_tokens/Gather"), None
     q = quantize_rows(b.weights.row_bands(table, BAND_ROWS))
     head = "lm_head" if s.tied else "model.embed_tokens"
     names = b.int4_weight(head, q)
@@ -271,7 +292,7 @@ def _embedding(b: _Build) -> tuple[str, tuple[str, str] | None, Int4Matrix | Non
         gather_axis=0,
         quantize_axis=1,
     )
-    return out, (names if s.tied else None), (q if s.tied else None)
+    return out, ((names, q) if s.tied else None)
 
 
 def _attention(b: _Build, i: int, x: str, masks: tuple[str, str], rotary: tuple[str, str]) -> str:
@@ -310,13 +331,11 @@ def _attention(b: _Build, i: int, x: str, masks: tuple[str, str], rotary: tuple[
         scale=1.0 / math.sqrt(s.head_dim),
         local_window_size=-1,
         softcap=0.0,
-        outputs=3,
+        # Outputs 1 and 2, the present key and value, are the graph's outputs.
+        outputs=[f"{gqa}/output_0", f"present.{i}.key", f"present.{i}.value"],
         do_rotary=1,
         rotary_interleaved=0,
     )
-    # Outputs 1 and 2 are the present key and value: named as the graph's outputs.
-    w.nodes[-1].output[1] = f"present.{i}.key"
-    w.nodes[-1].output[2] = f"present.{i}.value"
     return b.linear(f"{base}/o_proj", out, [f"{prefix}.o_proj.weight"])
 
 
@@ -334,15 +353,15 @@ def _mlp(b: _Build, i: int, x: str) -> str:
 def _residual_norm(b: _Build, name: str, residual: str, delta: str, weight: str) -> tuple[str, str]:
     """(normed, residual + delta): SkipSimplifiedLayerNormalization's outputs 0 and 3."""
     node = f"/model/{name}/SkipLayerNorm"
+    summed = f"{node}/output_3"
     normed = b.w.node(
         "SkipSimplifiedLayerNormalization",
         [residual, delta, b.norm_weight(weight)],
         node,
-        4,
+        [f"{node}/output_0", "", "", summed],  # mean and inv_std_var unused
         epsilon=b.shape.eps,
     )
-    b.w.nodes[-1].output[1] = b.w.nodes[-1].output[2] = ""  # mean, inv_std_var: unused
-    return normed, f"{node}/output_3"
+    return normed, summed
 
 
 def _decoder(
@@ -380,21 +399,16 @@ def _decoder(
     return x
 
 
-def _lm_head(
-    b: _Build, x: str, shared: tuple[tuple[str, str], Int4Matrix] | None, last_only: bool
-) -> str:
+def _lm_head(b: _Build, x: str, shared: _Shared | None, last_only: bool) -> str:
     w = b.w
     if last_only:
         x = w.node("Gather", [x, w.scalar(-1)], "/lm_head/prune/Gather", axis=1)
         x = w.node("Unsqueeze", [x, w.ints(1)], "/lm_head/prune/Unsqueeze")
     if shared is not None:
         names, q = shared
-        out = b.matmul_nbits("/lm_head", x, names, q)
-    else:
-        source = "model.embed_tokens.weight" if b.shape.tied else "lm_head.weight"
-        out = b.linear("/lm_head", x, [source])
-    w.nodes[-1].output[0] = "logits"
-    return out
+        return b.matmul_nbits("/lm_head", x, names, q, output="logits")
+    source = "model.embed_tokens.weight" if b.shape.tied else "lm_head.weight"
+    return b.linear("/lm_head", x, [source], output="logits")
 
 
 def _io(shape: Qwen3Shape, last_only: bool) -> tuple[list[Any], list[Any]]:
@@ -452,11 +466,10 @@ def build(
     w = GraphWriter(out_dir / "model.onnx.data")
     b = _Build(w, weights, shape, quant)
     masks = _mask_lengths(w)
-    x, shared_names, shared = _embedding(b)
+    x, shared = _embedding(b)
     rotary = _rotary_caches(w, shape, context_length)
     hidden = _decoder(b, x, masks, rotary, progress)
-    tied = (shared_names, shared) if shared_names and shared else None
-    _lm_head(b, hidden, tied, last_token_logits)
+    _lm_head(b, hidden, shared, last_token_logits)
     w.save(out_dir / "model.onnx", *_io(shape, last_token_logits))
     (out_dir / "genai_config.json").write_text(
         json.dumps(genai_config(shape, config, context_length), indent=4) + "\n"
