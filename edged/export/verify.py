@@ -200,28 +200,32 @@ class Reference:
     """What transformers says, computed before any ONNX session exists (one model in memory)."""
 
     dtype: str
-    greedy: list[int]
-    """Greedy continuation of `prompt_ids(tokenizer)`."""
+    greedy: list[int] | None
+    """Greedy continuation of the prompt given, if one was."""
     argmax: list[list[int]]
     """Teacher-forced next-token argmax at every position of each agreement prompt."""
 
 
 def transformers_reference(
     checkpoint: Path,
-    prompt: Sequence[int],
+    prompt: Sequence[int] | None,
     prompts: Sequence[Sequence[int]],
     eos: Sequence[int],
     pad: int | None,
     dtype: str = "float32",
 ) -> Reference:
-    """Run the checkpoint in transformers once, keep only token ids, and free the model."""
+    """Run the checkpoint in transformers once, keep only token ids, and free the model. The
+    greedy continuation (24 decode steps) is generated only for a `prompt` given: only an fp32
+    graph is held to it."""
     import gc
 
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
-    greedy = transformers_greedy(model, prompt, GREEDY_NEW_TOKENS, eos, pad)
+    greedy = None
+    if prompt is not None:
+        greedy = transformers_greedy(model, prompt, GREEDY_NEW_TOKENS, eos, pad)
     argmax = []
     for ids in prompts:
         with torch.no_grad():
