@@ -121,13 +121,13 @@ def choose_exporter(opts: ExportOptions, config: dict[str, Any], checkpoint: Pat
 
 def stream_unsupported(opts: ExportOptions, config: dict[str, Any], checkpoint: Path) -> str | None:
     """Why the stream exporter cannot do this export, or None."""
-    from .options import STREAM_QUANTS
     from .stream_graph import unsupported_setting
 
-    if opts.quant not in STREAM_QUANTS:
-        return f"quant = {opts.quant!r}"
-    if opts.int4_algorithm != "rtn":
-        return f"int4_algorithm = {opts.int4_algorithm!r}"
+    try:
+        # The options it can take are checked where every exporter's are: ExportOptions.
+        replace(opts, exporter="stream")
+    except ExportError as exc:
+        return str(exc)
     if not any(checkpoint.glob("*.safetensors")):
         return f"{checkpoint} holds no *.safetensors"
     return unsupported_setting(config)
@@ -286,13 +286,13 @@ def _verify_against_transformers(build: _Build, graph: Path) -> None:
     """Transformers first (then freed), the graph second: one model in memory at a time. An
     fp32 graph must reproduce the greedy tokens; a quantized one has its agreement recorded."""
     ids = assets.token_ids(build.checkpoint, build.tokenizer)
-    prompt = verify.prompt_ids(build.tokenizer)
+    prompt = verify.prompt_ids(build.tokenizer) if build.opts.quant == "fp32" else None
     prompts = [build.tokenizer.encode(p) for p in verify.AGREEMENT_PROMPTS]
     reference = verify.transformers_reference(
         build.checkpoint, prompt, prompts, ids.eos, ids.pad, _reference_dtype(build)
     )
     candidate = verify.OnnxCausalLM(graph)
-    if build.opts.quant == "fp32":
+    if prompt is not None and reference.greedy is not None:
         got = candidate.greedy(prompt, verify.GREEDY_NEW_TOKENS, ids.eos)
         build.verification["fp32_vs_transformers"] = verify.check_greedy_tokens(
             got, reference.greedy, len(prompt)
