@@ -101,14 +101,16 @@ def _open_session(
 ) -> tuple[ort.InferenceSession, set[int]]:
     """The session and its pool's threads: on the prepacked copy when there is a good one, else
     on the original graph (writing the copy on the way when a cache directory is given)."""
+
+    def fresh() -> ort.SessionOptions:  # a session's options object is its own to change
+        return session_options(threads, spin)
+
     cache = options.prepacked_cache
     if cache is not None:
         entry = prepacked.entry_for(cache, manifest)
         if entry.directory.exists():
             cached, pool = created_threads(
-                lambda: prepacked.open_copy(
-                    entry, lambda p: _session(p, session_options(threads, spin))
-                )
+                lambda: prepacked.open_copy(entry, lambda p: _session(p, fresh()))
             )
             if cached is not None:
                 log.info("graph: prepacked copy %s", entry.directory)
@@ -117,17 +119,14 @@ def _open_session(
             try:
                 return created_threads(
                     lambda: prepacked.write_copy(
-                        entry,
-                        lambda o: _session(graph, o),
-                        session_options(threads, spin),
-                        manifest,
+                        entry, lambda o: _session(graph, o), fresh(), manifest
                     )
                 )
             except Exception as exc:  # noqa: BLE001 - a full or read-only disk, or onnxruntime
                 # failing to save, costs the cache, not the start: the original graph loads
                 # below, and a graph that cannot load at all fails there with its own error.
                 log.warning("prepacked cache: cannot write under %s: %s", cache, exc)
-    return created_threads(lambda: _session(graph, session_options(threads, spin)))
+    return created_threads(lambda: _session(graph, fresh()))
 
 
 class Engine:

@@ -158,7 +158,7 @@ def has_room(cache_dir: Path, model_dir: Path, manifest: ModelManifest) -> bool:
 
 def write_copy(
     entry: CacheEntry,
-    create: Callable[[ort.SessionOptions | None], ort.InferenceSession],
+    create: Callable[[ort.SessionOptions], ort.InferenceSession],
     base_options: ort.SessionOptions,
     manifest: ModelManifest,
 ) -> ort.InferenceSession:
