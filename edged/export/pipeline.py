@@ -18,8 +18,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edged.engine.manifest import MANIFEST_NAME, ModelManifest, write_manifest
 
 from . import assets, verify
@@ -278,8 +276,8 @@ def _reference_dtype(build: _Build) -> str:
         weights = CheckpointWeights(build.checkpoint)
     except ExportError:
         return "float32"
-    count = sum(int(np.prod(e.shape, dtype=np.int64)) for e in weights.entries.values())
-    return "float32" if 4 * count <= REFERENCE_FP32_MAX_BYTES else "bfloat16"
+    fp32_bytes = 4 * weights.parameter_count()
+    return "float32" if fp32_bytes <= REFERENCE_FP32_MAX_BYTES else "bfloat16"
 
 
 def _verify_against_transformers(build: _Build, graph: Path) -> None:

@@ -53,11 +53,9 @@ class CheckpointWeights:
         for path in files:
             self.entries.update(_read_header(path))
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._entry(name).shape
+    def parameter_count(self) -> int:
+        """Elements in all tensors: what the model weighs at a given dtype's width."""
+        return sum(int(np.prod(e.shape, dtype=np.int64)) for e in self.entries.values())
 
     def tensor(self, name: str) -> np.ndarray:
         """The whole tensor as float32."""
