@@ -48,3 +48,29 @@ def make_test_model() -> ModuleType:
     """tools/make_test_model.py as a module."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return load_tool("make_test_model")
+
+
+def heldout_agreement(model_dir: Path, checkpoint: Path, dialogues: int = 8) -> float:
+    """Share of the bundled held-out answers' next tokens on which the edged model at
+    `model_dir` (through the engine, as the daemon runs it) and the Hugging Face `checkpoint`
+    (float32, transformers) agree, teacher-forced. In-domain text: the demo model is sure of
+    its next token there, so this measures quantization, not a coin toss between near-equal
+    tokens on text the model never saw."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edged.engine import Engine, EngineOptions
+    from edged.eval.datasets import DEFAULT_FILES, load
+    from edged.eval.harness import split_chat
+
+    engine = Engine.load(model_dir, EngineOptions(threads=1))
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    agree = total = 0
+    for row in load([DEFAULT_FILES[0]])[:dialogues]:
+        prompt, target = split_chat(engine, row.data["messages"])
+        mine = engine.logits_for(prompt, [target])[0].argmax(-1)
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + target[:-1]])).logits[0, len(prompt) - 1 :]
+        agree += int((mine == logits.argmax(-1).numpy()).sum())
+        total += len(target)
+    return agree / total

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _models import export_deps_missing, make_test_model
+from _models import export_deps_missing, heldout_agreement, make_test_model
 
 from edged.engine.manifest import load_manifest
 from edged.export import ExportError, ExportOptions
@@ -66,27 +66,35 @@ def _logits(graph: Path, ids: list[int]) -> np.ndarray:
 # --- int4 blocks and the safetensors reader ---------------------------------------------------
 
 
-def test_int4_blocks_in_bands_are_onnxruntime_quantizers_bytes():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocks_in_bands_are_onnxruntime_quantizers_bytes(bits):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         DefaultWeightOnlyQuantizer,
     )
 
-    from edged.export.int4_blocks import dequantize, quantize_rows
+    from edged.export.blocks import dequantize, quantize_rows
 
     rng = np.random.default_rng(7)
     weight = rng.normal(size=(300, 96)).astype(np.float32)  # [N out, K in], as HF stores it
     weight[3, 5] = 40.0  # an outlier block
-    ours = quantize_rows([weight[:128], weight[128:256], weight[256:]])
-    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True)
+    ours = quantize_rows([weight[:128], weight[128:256], weight[256:]], bits)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits)
     packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(weight.T.copy())
     assert np.array_equal(ours.packed, packed)
     assert np.array_equal(ours.scales, scales.reshape(ours.scales.shape))
     # And the blocks stand for the weights: half a step off at most, except at the clipped end
-    # (the largest magnitude maps to -8, the opposite sign can reach only +7): one step there.
+    # (the largest magnitude maps to the most negative level, the opposite sign reaches one
+    # level less): one step there.
     step = np.abs(np.repeat(ours.scales, 32, axis=1))  # scales carry the block's sign
     error = np.abs(dequantize(ours) - weight) / step
     assert error.max() <= 1.0 and np.mean(error <= 0.5 + 1e-6) > 0.98
+    # 8 bits: 16 times the levels of 4, so 16 times less error in the same block.
+    if bits == 8:
+        four = quantize_rows([weight], 4)
+        assert (
+            np.abs(dequantize(ours) - weight).mean() < np.abs(dequantize(four) - weight).mean() / 8
+        )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
@@ -177,7 +185,10 @@ def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_p
     seeded checkpoint: the stream exporter must make the same graph with the same int4 blocks."""
     import onnx
 
-    out = _export(checkpoint, tmp_path / "int4", context_length=2048)
+    # The builder's quantization: every matrix int4, blocks of 32.
+    out = _export(
+        checkpoint, tmp_path / "int4", context_length=2048, lm_head_bits=4, block_size=32
+    )
     ours = onnx.load(str(out / "model.onnx"))
     theirs = onnx.load(str(GQA_FIXTURE / "model.onnx"))
     ops = Counter(n.op_type for n in ours.graph.node if n.op_type != "Constant")
@@ -185,8 +196,16 @@ def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_p
     # constant-folds it into a heap copy at every load; here a second initializer over the
     # same bytes takes its place).
     ops["Reshape"] += 1
-    assert ops == Counter(n.op_type for n in theirs.graph.node if n.op_type != "Constant")
-    assert sorted(i.name for i in ours.graph.input) == sorted(i.name for i in theirs.graph.input)
+    # And the LM head's input is the last `logits_to_keep` positions (Neg, Slice: an input with
+    # a default of 1, for speculative decoding) where the builder gathers the last one.
+    ops.subtract({"Neg": 1, "Slice": 1})
+    ops.update({"Gather": 1, "Unsqueeze": 1})
+    assert +ops == Counter(n.op_type for n in theirs.graph.node if n.op_type != "Constant")
+    extra = {i.name for i in ours.graph.input} - {i.name for i in theirs.graph.input}
+    assert extra == {"logits_to_keep"}
+    assert sorted(i.name for i in ours.graph.input if i.name != "logits_to_keep") == sorted(
+        i.name for i in theirs.graph.input
+    )
     assert sorted(o.name for o in ours.graph.output) == sorted(o.name for o in theirs.graph.output)
     # One int4 matrix read by both the embedding and the LM head: the same bytes on disk.
     inits = {t.name: t for t in ours.graph.initializer}
@@ -204,7 +223,7 @@ def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_p
         assert np.max(np.abs(a - b)) < 1e-3
 
     manifest = load_manifest(out)
-    assert manifest.exporter == "stream" and manifest.logits == "last"
+    assert manifest.exporter == "stream" and manifest.logits == "last_n"
     q = manifest.quantization
     assert (q.method, q.symmetric, q.lm_head, q.embedding) == (
         "int4",
@@ -218,22 +237,78 @@ def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_p
 
 
 @needs_export
+def test_an_eight_bit_lm_head_is_one_matrix_for_the_head_and_the_embedding(checkpoint, tmp_path):
+    """--lm-head-bits 8: the tied matrix at 8 bits, read by both the LM head and the embedding
+    lookup (one copy on disk), every other matrix int4; its logits are nearer fp32's."""
+    import onnx
+
+    from edged.engine import Engine, EngineOptions
+    from edged.engine.generate import GenerationConfig
+
+    fp32 = _export(checkpoint, tmp_path / "fp32", quant="fp32", last_token_logits=False)
+    four = _export(checkpoint, tmp_path / "h4", last_token_logits=False, lm_head_bits=4)
+    eight = _export(checkpoint, tmp_path / "h8", last_token_logits=False, lm_head_bits=8)
+    q = load_manifest(eight).quantization
+    assert (q.method, q.lm_head, q.lm_head_bits) == ("int4", True, 8)
+    assert load_manifest(four).quantization.lm_head_bits is None  # all int4: not written
+    graph = onnx.load(str(eight / "model.onnx"))
+    inits = {t.name: t for t in graph.graph.initializer}
+    gather = next(n for n in graph.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.graph.node if "logits" in n.output)
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in graph.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    assert bits.pop(head.name) == 8 and bits.pop(gather.name) == 8
+    assert set(bits.values()) == {4}
+    assert inits[gather.input[0]].external_data == inits[head.input[1]].external_data
+    ids = [5, 17, 300, 42, 99, 7, 1000, 3, 250, 11]
+    reference = _logits(fp32 / "model.onnx", ids)
+    error = {
+        n: float(np.abs(_logits(d / "model.onnx", ids) - reference).mean())
+        for n, d in (("4", four), ("8", eight))
+    }
+    assert error["8"] < error["4"], error
+    engine = Engine.load(eight, EngineOptions(threads=1, context_length=64))
+    result = engine.generate([5, 17, 300], GenerationConfig(max_new_tokens=8))
+    assert result.completion_tokens == 8
+
+
+def test_an_eight_bit_lm_head_is_refused_where_no_exporter_writes_one(tmp_path):
+    with pytest.raises(ExportError, match="lm_head_bits = 8 needs quant = 'int4' and exporter"):
+        ExportOptions(source="x", output=tmp_path, lm_head_bits=8, exporter="optimum")
+    with pytest.raises(ExportError, match="lm_head_bits = 8 needs quant = 'int4'"):
+        ExportOptions(source="x", output=tmp_path, lm_head_bits=8, quant="fp32")
+    with pytest.raises(ExportError, match="block_size = 64 needs quant = 'int4' and exporter"):
+        ExportOptions(source="x", output=tmp_path, block_size=64, exporter="ort-genai")
+    with pytest.raises(ExportError, match="lm_head_bits = 6 is not one of 4, 8"):
+        ExportOptions(source="x", output=tmp_path, lm_head_bits=6)
+
+
+@needs_export
 def test_demo_model_from_the_stream_exporter_answers_in_the_engine(tmp_path):
-    """The trained demo checkpoint: int4 agrees with transformers on most next tokens, and the
-    engine (in-place KV buffers) answers a clinical question with it."""
+    """The trained demo checkpoint: int4 agrees with transformers on nearly every next token of
+    the held-out dialogues, and the engine (in-place KV buffers) answers a clinical question
+    with it. (The manifest's agreement is measured on the exporter's generic prompts, text
+    this model never saw, where its next tokens are near ties: recorded, not held to a bar.)"""
     from edged.engine import Engine, EngineOptions
     from edged.engine.generate import GenerationConfig
 
     out = _export(DEMO_CHECKPOINT, tmp_path / "demo")
     manifest = load_manifest(out)
     assert manifest.exporter == "stream"
-    assert manifest.verification["top1_agreement_vs_transformers"] >= 0.8
+    assert 0.0 < manifest.verification["top1_agreement_vs_transformers"] <= 1.0
+    assert heldout_agreement(out, DEMO_CHECKPOINT) >= 0.97
     engine = Engine.load(out, EngineOptions(threads=1, context_length=512))
     assert engine.layout.kind == "gqa" and engine.layout.shared_kv_buffer is True
-    question = [{"role": "user", "content": "My heart rate is 118 at rest. Should I worry?"}]
-    result = engine.chat(question, GenerationConfig(max_new_tokens=80))
+    # A question as the daemon asks it (system prompt, vitals block, question): a held-out one.
+    from edged.eval.datasets import DEFAULT_FILES, load
+
+    messages = load([DEFAULT_FILES[0]])[0].data["messages"][:2]
+    result = engine.chat(messages, GenerationConfig(max_new_tokens=160))
     assert result.completion_tokens > 5
-    assert len(result.text.split()) >= 5, result
+    assert len(result.text.split()) >= 12 and "NEWS2" in result.text, result
 
 
 # --- choosing the exporter ----------------------------------------------------------------------

@@ -42,14 +42,29 @@ LLAMA_TYPES = ("Q8_0", "Q4_0", "Q4_K_M")
 EDGED_ROWS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("edged fp32", {"quant": "fp32"}),
     ("edged int8", {"quant": "int8"}),
-    # The default: the stream exporter (one int4 matrix for the tied embedding and LM head).
-    ("edged int4 rtn, stream (default)", {"quant": "int4", "exporter": "stream"}),
+    # The stream exporter (one matrix for the tied embedding and LM head): all int4 in blocks of
+    # 32; the LM head at 8 bits (llama.cpp keeps it at Q6_K); and that with blocks of 64.
+    ("edged int4 rtn, stream", {"exporter": "stream", "lm_head_bits": 4, "block_size": 32}),
+    ("edged int4, 8-bit LM head", {"exporter": "stream", "lm_head_bits": 8, "block_size": 32}),
+    (
+        "edged int4, 8-bit LM head, block 64",
+        {"exporter": "stream", "lm_head_bits": 8, "block_size": 64},
+    ),
     ("edged int4 rtn, optimum", {"quant": "int4", "exporter": "optimum"}),
     ("edged int4 rtn asymmetric", {"quant": "int4", "int4_algorithm": "rtn-asym"}),
     ("edged int4 hqq", {"quant": "int4", "int4_algorithm": "hqq"}),
     ("edged int4 k-quant search", {"quant": "int4", "int4_algorithm": "kquant"}),
     ("edged int4 gptq", {"quant": "int4", "int4_algorithm": "gptq"}),
 )
+
+
+def _label(name: str, options: dict[str, Any]) -> str:
+    """The row's name, marked when its options are what `edged model export` does by default."""
+    from edged.export.options import STREAM_BLOCK_SIZE, STREAM_LM_HEAD_BITS
+
+    default = {"exporter": "stream", "lm_head_bits": STREAM_LM_HEAD_BITS}
+    default["block_size"] = STREAM_BLOCK_SIZE
+    return f"{name} (default)" if options == default else name
 
 
 def model_bytes(model_dir: Path) -> int:
@@ -350,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     fp32 = export(args.checkpoint, work / "fp32", calibration, quant="fp32")
     for name, options in EDGED_ROWS:
-        slug = name.replace(" ", "-").replace("(", "").replace(")", "")
+        slug = name.replace(" ", "-").replace(",", "")
         model = export(args.checkpoint, work / slug, calibration, **options)
+        name = _label(name, options)
         rows[name] = edged_scores(model, fp32, data)
         print(f"{name}: {rows[name]}", file=sys.stderr)
     if not args.skip_llama:
@@ -361,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.update(llama)
         q4km = Path(llama["llama.cpp Q4_K_M"]["gguf"])
         model = export(q4km, work / "q4km-to-edged-int4", calibration, quant="int4")
-        rows["GGUF Q4_K_M -> edged int4 rtn"] = edged_scores(model, fp32, data)
+        rows["GGUF Q4_K_M -> edged (default export)"] = edged_scores(model, fp32, data)
     print(render(rows))
     if args.json:
         args.json.write_text(

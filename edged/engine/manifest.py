@@ -43,6 +43,9 @@ class Quantization:
     algorithm: str | None = None
     """How int4 weights were chosen when not by symmetric round-to-nearest: `rtn-asym`, `hqq`,
     `kquant`, `gptq` (edged.export.quantize.INT4_ALGORITHMS). Written only when set."""
+    lm_head_bits: int | None = None
+    """The LM head's bits (and a tied embedding's, the same matrix) when they differ from
+    `method`'s: 8 in an int4 graph. Written only when set."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class ModelManifest:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     logits: str = "all"
-    """`all`: logits for every input position; `last`: the graph slices to the last position."""
+    """`all`: logits for every input position; `last`: the graph slices to the last position;
+    `last_n`: to the last `logits_to_keep` positions, an input that defaults to 1."""
     verification: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -82,8 +86,9 @@ class ModelManifest:
         data["eos_token_ids"] = list(self.eos_token_ids)
         if self.description is None:
             del data["description"]  # older manifests, byte-identical
-        if self.quantization.algorithm is None:
-            del data["quantization"]["algorithm"]
+        for key in ("algorithm", "lm_head_bits"):  # older manifests, byte-identical
+            if data["quantization"][key] is None:
+                del data["quantization"][key]
         return data
 
     @classmethod

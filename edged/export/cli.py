@@ -8,7 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
-from .options import EXPORTERS, INT4_ALGORITHMS, QUANT_METHODS, ExportError, ExportOptions
+from .options import (
+    BLOCK_SIZES,
+    EXPORTERS,
+    INT4_ALGORITHMS,
+    LM_HEAD_BITS,
+    QUANT_METHODS,
+    STREAM_BLOCK_SIZE,
+    STREAM_LM_HEAD_BITS,
+    ExportError,
+    ExportOptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,25 +32,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "(or a hub id, with network access)",
     )
     parser.add_argument("output", type=Path, help="edged model directory to write")
-    parser.add_argument("--quant", choices=QUANT_METHODS, default="int4", help="default: int4")
     parser.add_argument(
         "--exporter",
         choices=EXPORTERS,
         default="auto",
         help="default: auto (stream, the least memory, where it can build the model; else optimum)",
     )
-    parser.add_argument(
-        "--int4-algorithm",
-        choices=INT4_ALGORITHMS,
-        default="rtn",
-        help="how int4 weights are chosen (default: rtn; see README, int4 quality)",
-    )
-    parser.add_argument(
-        "--calibration",
-        type=Path,
-        default=None,
-        help="JSONL of dialogues or texts calibrating --int4-algorithm gptq",
-    )
+    _add_quantization_arguments(parser)
     parser.add_argument("--name", default=None, help="model name (default: output dir name)")
     parser.add_argument(
         "--description", default=None, help="a sentence on what the model is, for the manifest"
@@ -67,6 +65,38 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
 
 
+def _add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant", choices=QUANT_METHODS, default="int4", help="default: int4")
+    parser.add_argument(
+        "--int4-algorithm",
+        choices=INT4_ALGORITHMS,
+        default="rtn",
+        help="how int4 weights are chosen (default: rtn; see README, int4 quality)",
+    )
+    parser.add_argument(
+        "--lm-head-bits",
+        type=int,
+        choices=LM_HEAD_BITS,
+        default=None,
+        help="bits of the LM head and the tied embedding in an int4 graph (stream exporter; "
+        f"default: {STREAM_LM_HEAD_BITS})",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=None,
+        help="weights per scale in every quantized matrix (stream exporter; default: "
+        f"{STREAM_BLOCK_SIZE})",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="JSONL of dialogues or texts calibrating --int4-algorithm gptq",
+    )
+
+
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(
         source=args.source,
@@ -74,6 +104,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         quant=args.quant,
         exporter=args.exporter,
         int4_algorithm=args.int4_algorithm,
+        lm_head_bits=args.lm_head_bits,
+        block_size=args.block_size,
         calibration=args.calibration,
         name=args.name,
         description=args.description,

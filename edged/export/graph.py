@@ -20,6 +20,7 @@ from .options import ExportError
 log = logging.getLogger(__name__)
 
 LOGITS = "logits"
+LOGITS_KEEP = "logits_to_keep"
 _INT64_MAX = 2**63 - 1
 # Ops between the LM head and `logits`: exporters add Identity/Cast, dynamic int8 quantization
 # adds Cast and a Mul by the dequantization scale after MatMulInteger.
@@ -80,7 +81,10 @@ def vocab_and_hidden(model: onnx.ModelProto) -> tuple[int, int]:
 
 
 def logits_mode(model: onnx.ModelProto) -> str:
-    """`last` when the graph's logits have a static 1 on the sequence axis, else `all`."""
+    """`last_n` when the graph has the `logits_to_keep` input (the last N positions, 1 unless
+    fed), `last` when its logits have a static 1 on the sequence axis, else `all`."""
+    if any(i.name == LOGITS_KEEP for i in model.graph.input):
+        return "last_n"
     for out in model.graph.output:
         if out.name == LOGITS:
             dims = out.type.tensor_type.shape.dim
@@ -148,6 +152,11 @@ def describe_quantization(model: onnx.ModelProto) -> Quantization:
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         attrs = {a.name: helper.get_attribute_value(a) for a in nbits[0].attribute}
         bits = attrs.get("bits", 4)
+        head_bits = (
+            next((a.i for a in head.attribute if a.name == "bits"), 4)
+            if head.op_type == "MatMulNBits"
+            else None
+        )
         return Quantization(
             method=f"int{bits}",
             block_size=int(attrs["block_size"]),
@@ -156,6 +165,7 @@ def describe_quantization(model: onnx.ModelProto) -> Quantization:
             accuracy_level=int(attrs["accuracy_level"]) if "accuracy_level" in attrs else None,
             lm_head=head.op_type == "MatMulNBits",
             embedding=embedding,
+            lm_head_bits=head_bits if head_bits not in (None, bits) else None,
         )
     if ops & {"DynamicQuantizeMatMul", "MatMulInteger"}:
         # onnxruntime's dynamic QInt8 weights are symmetric (its WeightSymmetric default).

@@ -113,6 +113,16 @@ def choose_exporter(opts: ExportOptions, config: dict[str, Any], checkpoint: Pat
     why = stream_unsupported(opts, config, checkpoint)
     if why is None:
         return "stream"
+    asked = [
+        f"{name} = {value}"
+        for name, value in (("lm_head_bits", opts.lm_head_bits), ("block_size", opts.block_size))
+        if value is not None
+    ]
+    if asked:
+        raise ExportError(
+            f"{' and '.join(asked)}: the stream exporter's settings, and it cannot build this "
+            f"checkpoint: {why}"
+        )
     log.info("exporter auto: using optimum, since the stream exporter cannot: %s", why)
     return "optimum"
 
@@ -255,6 +265,7 @@ def _build_stream(build: _Build) -> None:
             build.context_length,
             opts.last_token_logits,
             opts.progress,
+            *opts.stream_layout,
         )
     if opts.verify:
         with build.stages.run("verify vs transformers"):

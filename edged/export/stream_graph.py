@@ -4,7 +4,7 @@ The optimum path traces an fp32 copy of the whole model into an fp32 ONNX graph 
 that (peak ≈ 2.5 × the fp32 weights: 17 GB for Qwen3-1.7B); onnxruntime-genai's builder also
 materialises the model. Here the graph is written directly: each weight is read from the
 safetensors a band of rows at a time (`weights.CheckpointWeights`), quantized with
-onnxruntime's own int4 kernel (`int4_blocks`), appended to `model.onnx.data`, and dropped. The
+onnxruntime's own int4 kernel (`blocks`), appended to `model.onnx.data`, and dropped. The
 peak is one band plus the largest finished int4 matrix (the embedding), whatever the model's
 size.
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from .int4_blocks import BLOB_BYTES, BLOCK_SIZE, Int4Matrix, quantize_rows
+from .blocks import BLOCK_SIZE, BlockMatrix, blob_bytes, quantize_rows
 from .options import ExportError
 from .progress import bar
 from .weights import CheckpointWeights
@@ -41,6 +41,10 @@ _ALIGN_LARGE = 65536
 """Tensors of 1 MB and more start on a 64 KB boundary (onnx's own rule), so onnxruntime can
 memory-map them instead of copying them onto the heap."""
 _MS = "com.microsoft"
+LOGITS_KEEP = "logits_to_keep"
+"""Input: how many of the last positions get logits (int64 [1], default 1). A speculative
+decoder asks for the drafted positions' logits with it; prefill and plain steps leave it at 1."""
+_INT64_MAX = np.iinfo(np.int64).max
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 
 
@@ -133,6 +137,11 @@ class GraphWriter:
         self.initializers.append(tensor)
         return name
 
+    def constant_input(self, name: str, value: np.ndarray) -> str:
+        """A small initializer stored inside the graph (the default of an input named alike)."""
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
     def alias(self, name: str, of: str, dims: list[int]) -> str:
         """An initializer named `name` reading the same data-file bytes as `of`, shaped `dims`."""
         source = next(t for t in self.initializers if t.name == of)
@@ -208,34 +217,42 @@ class _Build:
     weights: CheckpointWeights
     shape: Qwen3Shape
     quant: str
+    head_bits: int = 4
+    """Bits of the LM head (and the tied embedding, one matrix): 4, or 8 as llama.cpp keeps
+    its output matrix wider than the rest (Q6_K in a Q4_K_M file)."""
+    block_size: int = BLOCK_SIZE
+    """Weights per scale along K, in every quantized matrix."""
 
-    def linear(self, name: str, x: str, tensors: list[str], output: str | None = None) -> str:
-        """x @ Wᵀ for the weights `tensors` stacked along their rows (one fused matrix);
-        `output` names the result (default: from the node's name)."""
+    def linear(
+        self, name: str, x: str, tensors: list[str], output: str | None = None, bits: int = 4
+    ) -> str:
+        """x @ Wᵀ for the weights `tensors` stacked along their rows (one fused matrix), at
+        `bits` when quantized; `output` names the result (default: from the node's name)."""
         if self.quant == "fp32":
             matrix = np.concatenate([self.weights.tensor(t) for t in tensors]).T
             weight = self.w.weight(f"{name}.weight", matrix)
             return self.w.node("MatMul", [x, weight], name, [output] if output else 1)
-        q = quantize_rows(band for t in tensors for band in self.weights.row_bands(t, BAND_ROWS))
-        return self.matmul_nbits(name, x, self.int4_weight(name, q), q, output)
+        bands = (band for t in tensors for band in self.weights.row_bands(t, BAND_ROWS))
+        q = quantize_rows(bands, bits, self.block_size)
+        return self.matmul_nbits(name, x, self.block_weight(name, q), q, output)
 
-    def int4_weight(self, name: str, q: Int4Matrix) -> tuple[str, str]:
-        return self.w.weight(f"{name}.weight_Q4", q.packed), self.w.weight(
+    def block_weight(self, name: str, q: BlockMatrix) -> tuple[str, str]:
+        return self.w.weight(f"{name}.weight_Q{q.bits}", q.packed), self.w.weight(
             f"{name}.weight_scales", q.scales
         )
 
     def matmul_nbits(
-        self, name: str, x: str, names: tuple[str, str], q: Int4Matrix, output: str | None = None
+        self, name: str, x: str, names: tuple[str, str], q: BlockMatrix, output: str | None = None
     ) -> str:
         return self.w.node(
             "MatMulNBits",
             [x, *names],
-            f"{name}/MatMul_Q4",
+            f"{name}/MatMul_Q{q.bits}",
             [output] if output else 1,
             K=q.k,
             N=q.n,
-            bits=4,
-            block_size=BLOCK_SIZE,
+            bits=q.bits,
+            block_size=q.block,
             accuracy_level=ACCURACY_LEVEL,
         )
 
@@ -265,30 +282,33 @@ def _rotary_caches(w: GraphWriter, shape: Qwen3Shape, positions: int) -> tuple[s
     return cos, sin
 
 
-_Shared = tuple[tuple[str, str], Int4Matrix]
-"""The int4 matrix a tied model's embedding and LM head share: (blocks, scales) names, blocks."""
+_Shared = tuple[tuple[str, str], BlockMatrix]
+"""The matrix a tied model's embedding and LM head share: (blocks, scales) names, blocks."""
 
 
 def _embedding(b: _Build) -> tuple[str, _Shared | None]:
-    """The embedding lookup; for a tied int4 model also the LM head's shared int4 matrix."""
+    """The embedding lookup; for a tied quantized model also the LM head's shared matrix (at
+    the head's bits: the lookup reads whatever the head multiplies by)."""
     w, s = b.w, b.shape
     table = "model.embed_tokens.weight"
     if b.quant == "fp32":
         name = w.weight(table, b.weights.tensor(table))
         return w.node("Gather", [name, "input_ids"], "/model/embed_tokens/Gather"), None
-    q = quantize_rows(b.weights.row_bands(table, BAND_ROWS))
+    bits = b.head_bits if s.tied else 4
+    q = quantize_rows(b.weights.row_bands(table, BAND_ROWS), bits, b.block_size)
     head = "lm_head" if s.tied else "model.embed_tokens"
-    names = b.int4_weight(head, q)
+    names = b.block_weight(head, q)
     # GatherBlockQuantized wants the blocks as [N, K / 2]: a second initializer over the same
     # bytes of the data file, not a Reshape node, which onnxruntime would constant-fold into a
     # heap copy of the largest matrix at every load.
-    flat = w.alias(f"{head}.weight_Q4_rows", names[0], [q.n, q.packed.shape[1] * BLOB_BYTES])
+    rows = [q.n, q.packed.shape[1] * blob_bytes(bits, q.block)]
+    flat = w.alias(f"{head}.weight_Q{bits}_rows", names[0], rows)
     out = w.node(
         "GatherBlockQuantized",
         [flat, "input_ids", names[1]],
         "/model/embed_tokens/GatherBlockQuantized",
-        bits=4,
-        block_size=BLOCK_SIZE,
+        bits=bits,
+        block_size=q.block,
         gather_axis=0,
         quantize_axis=1,
     )
@@ -400,19 +420,23 @@ def _decoder(
 
 
 def _lm_head(b: _Build, x: str, shared: _Shared | None, last_only: bool) -> str:
+    """The logits: of the last `logits_to_keep` positions (an input that defaults to 1, so a
+    runtime that never feeds it gets the last position's), or of every position."""
     w = b.w
     if last_only:
-        x = w.node("Gather", [x, w.scalar(-1)], "/lm_head/prune/Gather", axis=1)
-        x = w.node("Unsqueeze", [x, w.ints(1)], "/lm_head/prune/Unsqueeze")
+        starts = w.node("Neg", [LOGITS_KEEP], "/lm_head/prune/Neg")
+        ends = w.ints(_INT64_MAX)
+        x = w.node("Slice", [x, starts, ends, w.ints(1)], "/lm_head/prune/Slice")
     if shared is not None:
         names, q = shared
         return b.matmul_nbits("/lm_head", x, names, q, output="logits")
     source = "model.embed_tokens.weight" if b.shape.tied else "lm_head.weight"
-    return b.linear("/lm_head", x, [source], output="logits")
+    return b.linear("/lm_head", x, [source], output="logits", bits=b.head_bits)
 
 
 def _io(shape: Qwen3Shape, last_only: bool) -> tuple[list[Any], list[Any]]:
     f32, kv = TensorProto.FLOAT, shape.kv_heads
+    logits_positions = "logits_to_keep" if last_only else "sequence_length"
     inputs = [
         helper.make_tensor_value_info(
             "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
@@ -422,10 +446,10 @@ def _io(shape: Qwen3Shape, last_only: bool) -> tuple[list[Any], list[Any]]:
         ),
     ]
     outputs = [
-        helper.make_tensor_value_info(
-            "logits", f32, ["batch_size", 1 if last_only else "sequence_length", shape.vocab]
-        )
+        helper.make_tensor_value_info("logits", f32, ["batch_size", logits_positions, shape.vocab])
     ]
+    if last_only:
+        inputs.append(helper.make_tensor_value_info(LOGITS_KEEP, TensorProto.INT64, [1]))
     for i in range(shape.layers):
         for part in ("key", "value"):
             inputs.append(
@@ -452,9 +476,13 @@ def build(
     context_length: int,
     last_token_logits: bool = True,
     progress: bool = False,
+    head_bits: int = 4,
+    block_size: int = BLOCK_SIZE,
 ) -> Qwen3Shape:
     """Write `model.onnx`, `model.onnx.data` and `genai_config.json` for `checkpoint` into
-    `out_dir`; `quant` is "int4" (MatMulNBits, round-to-nearest) or "fp32"."""
+    `out_dir`; `quant` is "int4" (MatMulNBits, round-to-nearest) or "fp32"; `head_bits` the
+    LM head's (and a tied embedding's) bits in an int4 graph, 4 or 8; `block_size` the
+    weights per scale of every quantized matrix."""
     if quant not in ("int4", "fp32"):
         raise ExportError(
             f"quant = {quant!r} is not supported by the stream exporter (int4, fp32); "
@@ -464,8 +492,11 @@ def build(
     shape = Qwen3Shape.from_config(config, checkpoint / "config.json")
     weights = CheckpointWeights(checkpoint)
     w = GraphWriter(out_dir / "model.onnx.data")
-    b = _Build(w, weights, shape, quant)
+    b = _Build(w, weights, shape, quant, head_bits, block_size)
     masks = _mask_lengths(w)
+    if last_token_logits:
+        # An input with a default: an initializer of the same name, which a run may override.
+        w.constant_input(LOGITS_KEEP, np.array([1], dtype=np.int64))
     x, shared = _embedding(b)
     rotary = _rotary_caches(w, shape, context_length)
     hidden = _decoder(b, x, masks, rotary, progress)
