@@ -10,8 +10,9 @@ llama.cpp's own quantizer: write F16 here, then quantize it with llama.cpp
     python tools/make_gguf.py tests/fixtures/demo-clinical-hf /tmp/demo-q8_0.gguf --type Q8_0
 
 Metadata, tensor names and the tokenizer follow llama.cpp's `convert_hf_to_gguf.py` for
-Qwen3 (architecture `qwen3`, BPE tokenizer `gpt2` with pre-tokenizer `qwen2`, the vocabulary
-padded to the embedding's rows with unused `[PADn]` tokens, no output tensor when the
+Qwen3 (architecture `qwen3`, BPE tokenizer `gpt2` with pre-tokenizer `qwen2` or `gpt-2` (and
+the tokenizer.json itself when llama.cpp has no name for its split), the vocabulary padded to
+the embedding's rows with unused `[PADn]` tokens, no output tensor when the
 embedding is tied), so llama.cpp loads the file and so does transformers' GGUF reader.
 """
 
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edged.export.gguf_import import QWEN_SPLIT
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
@@ -73,10 +76,34 @@ def _metadata(writer: Any, config: dict[str, Any], checkpoint: Path, qtype: str)
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
 
 
+def tokenizer_pre(checkpoint: Path) -> tuple[str, bool]:
+    """(llama.cpp's name for the checkpoint's pre-tokenizer, whether the GGUF must carry the
+    tokenizer itself). llama.cpp applies a pre-tokenizer by its name (`tokenizer.ggml.pre`):
+    `qwen2` (Qwen's split) and `gpt-2` (ByteLevel's own regex) are exact. The demo model's split
+    (GPT-2's with decimals whole) has no name there: it is written as `gpt-2`, the nearest, and
+    the tokenizer.json goes into `tokenizer.huggingface.json`, the GGUF spec's key for it, which
+    `edged model export FILE.gguf` reads first. (llama.cpp itself then splits a decimal where
+    the model would not; tools/quality_table.py hands llama.cpp token ids, never text.)"""
+    pre = json.loads((checkpoint / "tokenizer.json").read_text())["pre_tokenizer"]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex"):
+        return "gpt-2", False
+    if pre.get("type") == "Sequence" and pre["pretokenizers"][0].get("type") == "Split":
+        regex = pre["pretokenizers"][0]["pattern"].get("Regex")
+        if regex == QWEN_SPLIT:  # edged.export.gguf_import rebuilds exactly this one
+            return "qwen2", False
+        return "gpt-2", True
+    raise ValueError(f"{checkpoint}/tokenizer.json: pre-tokenizer {pre} is not one llama.cpp knows")
+
+
 def _tokenizer(writer: Any, checkpoint: Path, config: dict[str, Any]) -> None:
+    import gguf
+
     tokens, types, merges = tokenizer_vocab(checkpoint, config["vocab_size"])
+    pre, embed = tokenizer_pre(checkpoint)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(pre)
+    if embed:
+        writer.add_string(gguf.Keys.Tokenizer.HF_JSON, (checkpoint / "tokenizer.json").read_text())
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -12,9 +12,10 @@ directory holding one GGUF and a `tokenizer.json` is read with that tokenizer in
 rebuilt from the metadata.
 
 Supported: architecture `qwen3` (and `qwen2`, the same graph without q/k norms) with the GPT-2
-style BPE tokenizer and Qwen's pre-tokenizer; tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K (what llama.cpp's Q4_K_M, Q5_K_M, Q6_K and Q8_0
-files hold). Anything else is refused with a message naming it.
+style BPE tokenizer and Qwen's or GPT-2's pre-tokenizer (or the tokenizer.json itself in
+`tokenizer.huggingface.json`); tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+Q3_K, Q4_K, Q5_K and Q6_K (what llama.cpp's Q4_K_M, Q5_K_M, Q6_K and Q8_0 files hold). Anything
+else is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ TENSOR_TYPES = (
     "Q5_K",
     "Q6_K",
 )
-TOKENIZER_PRE = ("qwen2",)
+TOKENIZER_PRE = ("qwen2", "gpt-2")
+"""llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) that can be rebuilt: Qwen's split, and
+GPT-2's (ByteLevel's own regex; the demo model's)."""
 # Qwen2/Qwen3's pre-tokenizer split (tokenizer.json of Qwen/Qwen3-0.6B).
-_QWEN_SPLIT = (
+QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -182,46 +185,14 @@ def _write_weights(reader: Any, path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _tokenizer(reader: Any, out: Path) -> None:
-    """Rebuild the byte-level BPE tokenizer from the GGUF's vocabulary and merges."""
-    from gguf import TokenType
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-    )
+    """The GGUF's tokenizer as a transformers tokenizer in `out`: the tokenizer.json the file
+    carries (`tokenizer.huggingface.json`, the GGUF spec's key for it, written when llama.cpp
+    has no name for the model's pre-tokenizer), else rebuilt from the vocabulary and merges."""
     from transformers import PreTrainedTokenizerFast
 
-    model, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre")
-    if model != "gpt2" or pre not in TOKENIZER_PRE:
-        raise ExportError(
-            f"tokenizer {model!r} with pre-tokenizer {pre!r} cannot be rebuilt (supported: gpt2 "
-            f"with {', '.join(TOKENIZER_PRE)}); put the model's tokenizer.json beside the GGUF"
-        )
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {
-        t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == TokenType.NORMAL
-    }
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
-        if k in (TokenType.CONTROL, TokenType.USER_DEFINED):
-            added = AddedToken(t, normalized=False, special=k == TokenType.CONTROL)
-            (tok.add_special_tokens if k == TokenType.CONTROL else tok.add_tokens)([added])
-            if tok.token_to_id(t) != i:
-                raise ExportError(f"GGUF token {t!r} landed at id {tok.token_to_id(t)}, not {i}")
+    tok = _embedded_tokenizer(reader, tokens, types) or _rebuilt_tokenizer(reader, tokens, types)
     eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
     pad_id = _field(reader, "tokenizer.ggml.padding_token_id")
     hf = PreTrainedTokenizerFast(
@@ -233,6 +204,66 @@ def _tokenizer(reader: Any, out: Path) -> None:
         model_input_names=["input_ids", "attention_mask"],
     )
     hf.save_pretrained(out)
+
+
+def _embedded_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any:
+    """The tokenizer.json in the GGUF's metadata, checked against its token list; or None."""
+    from gguf import Keys, TokenType
+    from tokenizers import Tokenizer
+
+    text = _field(reader, Keys.Tokenizer.HF_JSON)
+    if text is None:
+        return None
+    tok = Tokenizer.from_str(text)
+    for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
+        if k != TokenType.UNUSED and tok.token_to_id(t) != i:
+            raise ExportError(
+                f"GGUF {Keys.Tokenizer.HF_JSON} gives token {t!r} id {tok.token_to_id(t)}, "
+                f"where tokenizer.ggml.tokens has {i}"
+            )
+    return tok
+
+
+def _rebuilt_tokenizer(reader: Any, tokens: list[str], types: list[int]) -> Any:
+    """Rebuild the byte-level BPE tokenizer from the GGUF's vocabulary and merges."""
+    from gguf import TokenType
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre")
+    if model != "gpt2" or pre not in TOKENIZER_PRE:
+        raise ExportError(
+            f"tokenizer {model!r} with pre-tokenizer {pre!r} cannot be rebuilt (supported: gpt2 "
+            f"with {', '.join(TOKENIZER_PRE)}); put the model's tokenizer.json beside the GGUF"
+        )
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    vocab = {
+        t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == TokenType.NORMAL
+    }
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(pre)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    for i, (t, k) in enumerate(zip(tokens, types, strict=True)):
+        if k in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            added = AddedToken(t, normalized=False, special=k == TokenType.CONTROL)
+            (tok.add_special_tokens if k == TokenType.CONTROL else tok.add_tokens)([added])
+            if tok.token_to_id(t) != i:
+                raise ExportError(f"GGUF token {t!r} landed at id {tok.token_to_id(t)}, not {i}")
+    return tok
+
+
+def _pre_tokenizer(pre: str) -> Any:
+    """The split llama.cpp applies for `pre` (one of TOKENIZER_PRE), as a tokenizers object."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "gpt-2":  # ByteLevel's own regex is GPT-2's
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
 
 
 def gguf_to_checkpoint(path: Path, out: Path) -> GgufSummary:
