@@ -12,7 +12,7 @@ import pytest
 from edged.clinical.advice import escalation
 from edged.clinical.triage import assess
 from edged.config.models import ClinicalConfig
-from edged.eval.checks import carries, cites_all
+from edged.eval.checks import carries, cites_all, states_news2
 from edged.eval.datasets import DATA_DIR, DEFAULT_FILES, load
 from tests._models import load_tool
 
@@ -37,8 +37,8 @@ def test_every_answer_cites_the_abnormal_values_and_escalates_exactly_when_due()
         assert (due is not None and carries(answer, due)) or (
             due is None and not any(carries(answer, s) for s in CFG.escalation.values())
         ), answer
-        if meta["news2"] is not None:
-            assert f"{meta['news2']}" in answer  # the NEWS2 edged computed
+        if meta["news2"] is not None:  # the NEWS2 edged computed, as the harness reads it
+            assert states_news2(answer, meta["news2"]), answer
 
 
 def test_the_meta_is_edged_own_triage_of_the_window() -> None:

@@ -22,7 +22,9 @@ NOT_MEDICAL = "demo model trained on synthetic dialogues; not a medical model"
 def test_the_demo_model_says_what_it_is_and_its_files_match() -> None:
     manifest = load_manifest(DEMO_MODEL, verify=True)
     assert manifest.description is not None and NOT_MEDICAL in manifest.description
-    assert manifest.quantization.method == "int4"
+    # Exported with the exporter's defaults: int4 in blocks of 32, the LM head at 8 bits.
+    q = manifest.quantization
+    assert (q.method, q.block_size, q.lm_head_bits) == ("int4", 32, 8)
     size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir())
     assert size < 15 * 2**20
     info = subprocess.run(
@@ -45,7 +47,9 @@ def test_an_answer_reads_as_advice_and_quotes_the_wearers_numbers() -> None:
             "--model",
             str(DEMO_MODEL),
             "--vitals",
-            '[{"spo2": 92, "resp_rate": 22}, {"spo2": 88, "resp_rate": 25, "heart_rate": 112}]',
+            # Two summaries as a gateway sends them (heart rate with its minute's range).
+            '[{"spo2": 92, "resp_rate": 22, "heart_rate": {"mean": 104, "min": 98, "max": 110}},'
+            ' {"spo2": 88, "resp_rate": 25, "heart_rate": {"mean": 112, "min": 104, "max": 118}}]',
             "--max-tokens",
             "120",
             "I am short of breath. What should I do?",
@@ -59,6 +63,10 @@ def test_an_answer_reads_as_advice_and_quotes_the_wearers_numbers() -> None:
     # Sentences of advice about this wearer's readings: a vital named with a number, the score.
     assert len(answer.split()) > 12 and answer[0].isupper() and answer.endswith(".")
     assert re.search(r"(SpO2|respiration|heart rate)[^.;]*?\d", answer) and "NEWS2" in answer
+    # Every number in it is the wearer's own (or the triage's score): quoted, not made up.
+    wearers = {92, 22, 98, 110, 88, 25, 104, 112, 118}
+    numbers = {int(n) for n in re.findall(r"(?<![\w.])\d+(?![\w.])", answer)}
+    assert numbers - {8} <= wearers and len(numbers & wearers) >= 2, answer
     # The triage is high whatever the model wrote: the guard's escalation is attached.
     assert "NEWS2 8, high risk" in ask.stderr and "escalation (attached" in ask.stderr
 

@@ -68,6 +68,10 @@ def test_an_answer_cites_a_value_only_as_a_number_of_its_own(
 
 def test_the_stated_score_must_be_the_triages_and_only_it() -> None:
     assert states_news2("Your early-warning score is NEWS2 5, medium risk.", 5)
+    # The corpus's other two sentences (risk_sentence) state it as well.
+    assert states_news2("NEWS2 is 5, which means medium risk.", 5)
+    assert states_news2("The early-warning score (NEWS2) is 5: medium risk.", 5)
+    assert not states_news2("NEWS2 is 3, which means low risk.", 5)
     assert not states_news2("Your early-warning score is NEWS2 3, low risk.", 8)
     assert not states_news2("NEWS2 5 now, NEWS2 2 before.", 5)  # a second, wrong score
     assert not states_news2("Your readings are high.", 5)  # no score stated
@@ -124,14 +128,15 @@ def test_the_demo_model_scores_in_a_sane_range(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    # Measured on the whole bundled set when the model was committed: perplexity 1.19, MCQ
-    # 54 %, abnormal values all quoted right in 14 % of answers, escalation 87 % when due and
-    # 2 % when not, contradictions 3 % before the guard. The bounds leave room for another
-    # CPU's int4 kernels changing a few greedy tokens, not for a broken model or harness.
-    assert 1.0 < report["perplexity"]["value"] < 1.5
-    assert report["mcq"]["accuracy"] > 0.35  # chance is 0.2 (five options, balanced answers)
+    # Measured on the whole bundled set when the model was committed: perplexity 1.052, MCQ
+    # 75.5 %, abnormal values all quoted exactly in 95.0 % of answers and the NEWS2 score in
+    # 100 %, escalation 98.6 % when due and 0 % when not, no contradiction before the guard.
+    # The bounds leave room for another CPU's int4 kernels changing a few greedy tokens, not
+    # for a broken model or harness.
+    assert 1.0 < report["perplexity"]["value"] < 1.3
+    assert report["mcq"]["accuracy"] > 0.5  # chance is 0.2 (five options, balanced answers)
     d = report["dialogue"]
-    assert d["cites_abnormal"] > 0.03 and d["escalation_when_due"] > 0.7
-    assert d["escalation_when_not_due"] < 0.15 and d["news2_right"] > 0.4
+    assert d["cites_abnormal"] > 0.85 and d["news2_right"] > 0.85
+    assert d["escalation_when_due"] > 0.8 and d["escalation_when_not_due"] < 0.1
     assert d["contradiction_after_guard"] == 0.0
     assert "perplexity" in done.stdout and "MCQ" in done.stdout

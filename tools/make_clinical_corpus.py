@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edged.clinical.advice import _VITALS as _BLOCK_VITALS
 from edged.clinical.advice import (
     escalation,
     triage_line,
@@ -157,9 +158,19 @@ SCENARIOS = (
 _OPTIONAL = ("heart_rate", "spo2", "resp_rate", "temp_c", "systolic_bp")
 
 
-def _stat(name: str, value: float, rng: random.Random, fields: dict[str, Any]) -> VitalStat:
+PLAIN_SHARE = 0.3
+"""Of the windows, those from a gateway that sends plain numbers (`"heart_rate": 112`) rather
+than a summary with min and max: the block then says "heart rate: 112 /min", with no range,
+and an answer must not invent one."""
+
+
+def _stat(
+    name: str, value: float, rng: random.Random, fields: dict[str, Any], plain: bool
+) -> VitalStat:
     if name == "temp_c":
         return VitalStat(round(value, 1))
+    if plain and "spo2_min" not in fields:
+        return VitalStat(min(100, round(value)) if name == "spo2" else round(value))
     if name == "heart_rate":
         mean = round(value)
         return VitalStat(mean, mean - rng.randint(2, 9), mean + rng.randint(2, 12))
@@ -175,11 +186,12 @@ def make_window(rng: random.Random, scenario: Scenario) -> list[Vitals]:
     if scenario.name == "none":
         return []
     count = rng.randint(4, 6) if scenario.name == "rising_resting" else rng.randint(1, 5)
+    plain = rng.random() < PLAIN_SHARE
     window: list[Vitals] = []
     for i in reversed(range(count)):  # i = summaries before the latest
         fields = scenario.make(rng, i)
         present = {
-            name: _stat(name, fields[name], rng, fields)
+            name: _stat(name, fields[name], rng, fields, plain)
             for name in _OPTIONAL
             if name in fields and (scenario.name == "rising_resting" or rng.random() > 0.12)
         }
@@ -343,6 +355,22 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+READBACK: dict[str, str | None] = {
+    "What is my heart rate?": "heart_rate",
+    "How fast is my pulse right now?": "heart_rate",
+    "What was my lowest oxygen level?": "spo2",
+    "What is my SpO2?": "spo2",
+    "How fast am I breathing?": "resp_rate",
+    "What is my temperature?": "temp_c",
+    "What does my watch say my blood pressure is?": "systolic_bp",
+    "What are my numbers?": None,
+    "Can you read me my readings?": None,
+    "What does my watch show?": None,
+}
+"""Questions asking for the readings themselves, and the vital each asks for (None: all)."""
+QUESTIONS["readings"] = tuple(READBACK)
+_LABELS = {field: label for field, label, _, _ in _BLOCK_VITALS}
+
 OPENERS: dict[str, tuple[str, ...]] = {
     "dizzy": ("Dizziness on standing is common.", "Feeling light-headed has many causes."),
     "breathless": ("Breathlessness should be taken seriously.", "Let us look at your breathing."),
@@ -353,6 +381,7 @@ OPENERS: dict[str, tuple[str, ...]] = {
     "medication": ("I cannot advise on medicines or doses; your pharmacist or care team can.",),
     "watch": ("A single reading can be off.", "Wearables are sometimes wrong."),
     "general": ("Here is what your readings show.", "Let us look at your numbers."),
+    "readings": ("Here are your latest readings.", "This is what your devices measured."),
 }
 
 SELF_CARE: dict[str, tuple[str, ...]] = {
@@ -367,6 +396,7 @@ SELF_CARE: dict[str, tuple[str, ...]] = {
     "medication": ("Keep taking what was prescribed unless your care team says otherwise.",),
     "watch": ("Check that the strap is snug and measure again sitting still.",),
     "general": ("Keep an eye on how you feel.",),
+    "readings": ("Keep an eye on how you feel.", "Wear the watch snugly for steady readings."),
 }
 
 NORMAL_LEADS = (
@@ -382,16 +412,22 @@ SAFETY_NETS = (
 
 
 def _normal_values(window: Sequence[Vitals], rng: random.Random) -> str:
-    latest = window[-1]
-    parts = []
-    if latest.heart_rate is not None:
-        parts.append(f"heart rate {cited(latest.heart_rate.central)} /min")
-    if latest.spo2 is not None:
-        parts.append(f"SpO2 {cited(latest.spo2.central)} %")
-    if latest.temp_c is not None:
-        parts.append(f"temperature {cited(latest.temp_c.central)} °C")
+    """Two of the window's vitals, quoted as the block writes them ("heart rate: 72 /min now,
+    range 66-80 /min"): the same tokens as the prompt, so quoting them is copying."""
+    parts = [f"{label}: {text}" for _, label, text in vital_lines(window)]
     rng.shuffle(parts)
-    return ", ".join(parts[:2])
+    return "; ".join(parts[:2])
+
+
+def _readback(window: Sequence[Vitals], asked: str | None) -> str:
+    """The answer to "what is my heart rate?" (or, `asked` None, "what are my numbers?"): the
+    block's own lines, read back whole."""
+    lines = {name: f"{label}: {text}" for name, label, text in vital_lines(window)}
+    if asked is None:
+        return "Your watch shows " + "; ".join(lines.values()) + "."
+    if asked in lines:
+        return f"Your watch shows {lines[asked]}."
+    return f"Your devices sent no {_LABELS[asked]} readings."
 
 
 def risk_sentence(triage: Triage, rng: random.Random) -> str:
@@ -409,18 +445,27 @@ def risk_sentence(triage: Triage, rng: random.Random) -> str:
 
 
 def answer(
-    topic: str, window: Sequence[Vitals], triage: Triage, found: list[Finding], rng: random.Random
+    topic: str,
+    window: Sequence[Vitals],
+    triage: Triage,
+    found: list[Finding],
+    rng: random.Random,
+    asked: str | None = None,
 ) -> str:
     parts = [rng.choice(OPENERS[topic])]
+    if topic == "readings" and window:
+        parts.append(_readback(window, asked))
     if not window:
         parts.append("I have no recent readings from your devices, so I cannot check your numbers.")
     elif found:
         said = [rng.choice(f.phrases) for f in found[:CITED]]
         text = "; ".join(said)
         parts.append(text[0].upper() + text[1:] + ".")
-    else:
+    elif topic != "readings":  # a read-back has quoted the numbers already
         values = _normal_values(window, rng)
         parts.append(rng.choice(NORMAL_LEADS) + (f": {values}." if values else "."))
+    else:
+        parts.append(rng.choice(NORMAL_LEADS) + ".")
     parts.append(risk_sentence(triage, rng))
     sentence = escalation(triage, CLINICAL)
     if sentence is not None:
@@ -449,10 +494,18 @@ def reasoning(window: Sequence[Vitals], triage: Triage, found: list[Finding]) ->
     return "\n".join(lines)
 
 
+READINGS_SHARE = 0.2
+"""Of the dialogues, those whose wearer asks for the numbers themselves. Reading a line back
+exactly is the skill every grounded answer needs (quoting "SpO2: 89 % now, lowest 88 %"
+rather than a plausible 93 %), and these answers are dense in it."""
+
+
 def _topic(rng: random.Random, scenario: Scenario) -> str:
+    if rng.random() < READINGS_SHARE:
+        return "readings"
     if scenario.topics and rng.random() < 0.6:
         return rng.choice(scenario.topics)
-    return rng.choice(tuple(QUESTIONS))
+    return rng.choice(tuple(t for t in QUESTIONS if t != "readings"))
 
 
 def dialogue(rng: random.Random) -> dict[str, Any]:
@@ -462,8 +515,9 @@ def dialogue(rng: random.Random) -> dict[str, Any]:
     block = vitals_context(window, triage, WINDOW_S, lambda text: len(text.split()), 4096)
     topic = _topic(rng, scenario)
     question = rng.choice(QUESTIONS[topic])
+    asked = READBACK.get(question) if topic == "readings" else None
     found = findings(window, triage)
-    text = answer(topic, window, triage, found, rng)
+    text = answer(topic, window, triage, found, rng, asked)
     # Half with a reasoning block, half with the empty one the daemon's enable_thinking=false
     # template writes: the model answers well either way.
     think = reasoning(window, triage, found) if rng.random() < 0.5 else ""

@@ -230,13 +230,29 @@ def corpus() -> list[str]:
     return lines
 
 
+# GPT-2's split (ByteLevel's own regex) with one change: a decimal number stays one piece
+# (" 36.7", where GPT-2 makes " 36", ".", "7").
+NUMBERS_SPLIT_REGEX = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+(?:\.\p{N}+)?| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = ("qwen2", "gpt2", "numbers")
+"""The pre-tokenizer splits: `qwen2`, Qwen's (single digits, a space its own token before a
+number); `gpt2`, GPT-2's (a number and the space before it one piece); `numbers`, GPT-2's with
+decimals kept whole (NUMBERS_SPLIT_REGEX). The first two are llama.cpp's names for them (GGUF
+`tokenizer.ggml.pre`); llama.cpp has none for the third."""
+
+
 def build_tokenizer(
-    out_dir: Path, lines: list[str] | None = None, bpe_vocab: int = BPE_VOCAB, exact: bool = True
+    out_dir: Path,
+    lines: list[str] | None = None,
+    bpe_vocab: int = BPE_VOCAB,
+    exact: bool = True,
+    pre: str = "qwen2",
 ):  # -> PreTrainedTokenizerFast
     """Train the byte-level BPE on `lines` (default: the test corpus) and save it as a
     transformers tokenizer in `out_dir`. `exact`: fail unless the vocabulary reaches
     `bpe_vocab` (the fixture's size is part of its shape); otherwise it is a ceiling (the demo
-    model's templated dialogues saturate below it)."""
+    model's templated dialogues saturate below it). `pre`: one of PRE_TOKENIZERS."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -252,12 +268,22 @@ def build_tokenizer(
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
+    if pre in ("qwen2", "numbers"):
+        regex = QWEN_SPLIT_REGEX if pre == "qwen2" else NUMBERS_SPLIT_REGEX
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(
+                    add_prefix_space=False, trim_offsets=False, use_regex=False
+                ),
+            ]
+        )
+    elif pre == "gpt2":  # ByteLevel's own regex is GPT-2's
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=False, trim_offsets=False, use_regex=True
+        )
+    else:
+        raise ValueError(f"pre = {pre!r} is not one of {', '.join(PRE_TOKENIZERS)}")
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -7,7 +7,9 @@ import re
 from collections.abc import Sequence
 
 _SPACE = re.compile(r"\s+")
-_NEWS2 = re.compile(r"NEWS2 (?:score )?(?:of )?(\d+)")
+# Every way the corpus states the score (tools/make_clinical_corpus.py, risk_sentence): "NEWS2 5",
+# "NEWS2 is 5", "(NEWS2) is 5"; and "NEWS2 score of 5", which models write too.
+_NEWS2 = re.compile(r"NEWS2\)? (?:score )?(?:is |of )?(\d+)")
 
 
 def cites(answer: str, value: str) -> bool:
