@@ -17,7 +17,12 @@ from edged.governor.policy import GovernorDecision, GovernorInput, GovernorPolic
 from edged.mqtt.routing import ReplyRoute
 from edged.scheduler import Job
 from edged.service.outcomes import QueryWork
-from edged.service.worker import AnswerContext, advice_reply, generation_settings
+from edged.service.worker import (
+    AnswerContext,
+    advice_reply,
+    draft_phrases,
+    generation_settings,
+)
 
 pytestmark = pytest.mark.arm64
 
@@ -44,6 +49,14 @@ def test_a_hot_board_caps_the_answer_but_never_lengthens_it() -> None:
     assert generation_settings(MODEL, QUERY, hot).max_new_tokens == 128
     short = replace(QUERY, max_tokens=50)
     assert generation_settings(MODEL, short, hot).max_new_tokens == 50
+
+
+def test_the_configured_sentences_are_offered_to_speculative_decoding() -> None:
+    sentences = {"low_medium": "Tell your nurse.", "medium": "Call 111.", "high": "Call 112 now."}
+    clinical = ClinicalConfig.model_validate({"escalation": sentences})
+    phrases = draft_phrases(clinical)
+    assert "Call 112 now." in phrases and clinical.disclaimer in phrases
+    assert generation_settings(MODEL, QUERY, _decision(40.0), phrases).draft_phrases == phrases
 
 
 def test_tight_memory_caps_the_context() -> None:

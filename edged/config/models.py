@@ -112,6 +112,13 @@ class ModelConfig(Section):
         "small board they steal the CPU the MQTT and vitals path needs",
     )
     verify_hashes: bool = Field(True, description="check the model files' sha256 at start")
+    speculation: bool = Field(
+        True,
+        description="speculative decoding by prompt lookup: draft the next tokens from the "
+        "prompt, edged's fixed sentences and recent answers, and check them in one pass (the "
+        "same answer, in fewer passes; greedy decoding, on graphs exported with "
+        "logits_to_keep)",
+    )
     prepacked_cache: bool = Field(
         False,
         description="keep the graph with onnxruntime's prepacked weights under "

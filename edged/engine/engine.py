@@ -7,12 +7,13 @@ One generation runs at a time (a lock enforces it); the board has too few cores 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import onnxruntime as ort
 
 from edged.engine import prepacked
 from edged.engine.backend import BackendInfo
+from edged.engine.draft import DraftSettings, NgramIndex, phrase_index
 from edged.engine.generate import (
     GenerationConfig,
     GenerationResult,
     PrefixEntry,
+    Speculation,
     StepHook,
     StopCheck,
     TextCallback,
@@ -34,10 +37,27 @@ from edged.engine.generate import (
 from edged.engine.graph import GraphLayout, inspect_graph
 from edged.engine.manifest import ModelDirError, ModelManifest, load_manifest
 from edged.engine.parallelism import CoreLimiter, created_threads
-from edged.engine.runner import make_runner
+from edged.engine.runner import SharedKVRunner, make_runner
 from edged.engine.tokenizer import ChatTokenizer, Message
 
 log = logging.getLogger(__name__)
+
+BATCH_TOLERANCE = 1e-3
+"""Largest difference between a verification pass's logits and one-at-a-time logits that
+speculation tolerates: float32 reassociation gives about 1e-5, a different kernel path 1e-2
+and more."""
+_PROBE_QUESTION = (
+    "The wearer's readings over the last 30 min (3 summaries):\n- SpO2: 91 % now, lowest 89 %\n"
+    "- heart rate: 104 /min now, range 98-112 /min\n- temperature: 38.2 °C\n"
+    "Early-warning score: NEWS2 5, medium risk.\n\nQuestion: I feel short of breath. What "
+    "should I do?"
+)
+_PROBE_ANSWER = (
+    "Your readings show SpO2: 91 % now, lowest 89 %, lower than it should be; heart rate: 104 "
+    "/min, higher than usual. Sit upright, rest and contact your care team now."
+)
+"""A grounded question and answer, as the daemon asks them: the probe's rows see activations
+like a real answer's (a short or synthetic prompt missed a difference that this one finds)."""
 
 
 def usable_cores() -> int:
@@ -69,6 +89,10 @@ class EngineOptions:
     """Where to keep the graph with onnxruntime's prepacked weights (edged.engine.prepacked),
     written at the first load and memory-mapped at the next; None = repack on the heap at every
     load, as onnxruntime does by default."""
+    speculation: DraftSettings | None = DraftSettings()
+    """Speculative decoding by prompt lookup (edged.engine.draft) for greedy generations, on
+    graphs that can return logits for several positions (the stream exporter's
+    `logits_to_keep`); None = off. The tokens are the same either way."""
 
     def __post_init__(self) -> None:
         if self.threads < 0:
@@ -151,6 +175,13 @@ class Engine:
         self._runner = make_runner(session, layout, self.context_length)
         self._lock = threading.Lock()
         self._prefix: PrefixEntry | None = None
+        self.speculation_checked: float | None = None
+        """The probe's largest logit difference, batch against one at a time (None: not
+        checked, no speculation on this graph); above BATCH_TOLERANCE speculation is off."""
+        self._phrases: dict[str, NgramIndex] = {}
+        self._recent: collections.deque[NgramIndex] = collections.deque(
+            maxlen=options.speculation.recent_answers if options.speculation else 0
+        )
         self.cores = CoreLimiter(set(), list(range(threads)))
         self.eos_ids = frozenset(manifest.eos_token_ids)
         reasoning = manifest.reasoning
@@ -182,6 +213,7 @@ class Engine:
         layout = inspect_graph(session, manifest, model_dir)
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
         engine.cores = CoreLimiter.for_this_process(pool, options.preferred_cores)
+        engine.speculation_checked = engine._check_speculation()
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
             manifest.name,
@@ -258,6 +290,7 @@ class Engine:
         `stop_check` is polled every token and returns a finish reason to stop;
         `between_steps` runs between decode steps (the governor's pause point)."""
         cores = self.cores
+        config = config or GenerationConfig()
 
         def step(n: int) -> None:
             # The calling thread runs a share of every op: it follows the core limit too, so a
@@ -268,11 +301,11 @@ class Engine:
 
         with self._lock:
             cores.pin_caller()
-            return run_generation(
+            result = run_generation(
                 self._runner,
                 self.tokenizer,
                 prompt_ids,
-                config or GenerationConfig(),
+                config,
                 eos_ids=self.eos_ids,
                 think_ids=self.think_ids,
                 prefix=self._prefix,
@@ -280,7 +313,61 @@ class Engine:
                 on_text=on_text,
                 stop_check=stop_check,
                 between_steps=step,
+                speculation=self._speculation(config.draft_phrases),
             )
+            settings = self.options.speculation
+            if settings is not None and self._recent.maxlen and len(result.token_ids) > 1:
+                self._recent.append(phrase_index(result.token_ids, settings))
+            return result
+
+    def _check_speculation(self) -> float | None:
+        """Check that a verification pass gives its rows the logits one step at a time gives,
+        on this graph and this CPU, and cap the draft at the rows that do; the largest
+        difference seen, or None when there is nothing to check.
+
+        onnxruntime's int8-activation kernels (MatMulNBits, accuracy level 4) may compute a
+        row differently in a batch than alone: measured here, an AVX2 CPU from the third row
+        of a batch on, AVX-512 with blocks of 64 from the fourth (logits 0.03-0.08 apart). A
+        draft verified by such rows may not be the token plain decoding picks; so the draft
+        is capped below the first row that differs, and speculation is off when even the
+        second does, rather than let it change an answer."""
+        runner, settings = self._runner, self.options.speculation
+        if settings is None or not isinstance(runner, SharedKVRunner) or not runner.can_verify:
+            return None
+        prompt = self.render_chat([{"role": "user", "content": _PROBE_QUESTION}])
+        answer = self.tokenizer.encode(_PROBE_ANSWER)
+        probe = (answer * (settings.max_draft // max(1, len(answer)) + 2))[: settings.max_draft + 1]
+        with self._lock:
+            self.cores.pin_caller()
+            diffs = runner.batch_differences(prompt, probe, self.options.prefill_chunk)
+        same = next((i for i, d in enumerate(diffs) if d > BATCH_TOLERANCE), len(diffs))
+        if same < len(diffs):
+            log.warning(
+                "speculative decoding: this CPU's kernels give row %d of a %d-row batch logits "
+                "%.3g away from one step at a time (limit %g): %s",
+                same,
+                len(diffs),
+                diffs[same],
+                BATCH_TOLERANCE,
+                f"drafts capped at {same - 1} tokens" if same >= 2 else "off",
+            )
+            capped = replace(settings, max_draft=same - 1) if same >= 2 else None
+            self.options = replace(self.options, speculation=capped)
+        return max(diffs)
+
+    def _speculation(self, phrases: Sequence[str]) -> Speculation | None:
+        """Drafting for one generation: the configured phrases (tokenized and indexed once),
+        then the latest answers, newest first."""
+        settings = self.options.speculation
+        if settings is None:
+            return None
+        for text in phrases:
+            if text not in self._phrases:
+                # As the answer writes it: after a space, mid-text.
+                ids = self.tokenizer.encode(" " + text.strip())
+                self._phrases[text] = phrase_index(ids, settings)
+        indexes = [self._phrases[t] for t in phrases] + list(reversed(self._recent))
+        return Speculation(settings, tuple(indexes))
 
     def chat(
         self,

@@ -1,5 +1,5 @@
 """The decode loop: prefill, then one token at a time until EOS, a stop string, the token cap,
-or the caller says stop.
+or the caller says stop; with speculation, a pass may check several drafted tokens at once.
 
 Everything stateful (session, KV cache) lives in the runner; this module owns the order of
 events within one generation and what the caller sees: answer text deltas (never the
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edged.domain import FinishReason
+from edged.engine.draft import DraftLength, DraftSettings, DraftStats, NgramIndex, PromptLookup
 from edged.engine.runner import ContextFullError, GrowingKVRunner, KVSnapshot, SharedKVRunner
 from edged.engine.sampling import SamplingParams, select_token
 from edged.engine.text import ReasoningState, find_stop, holdback
@@ -45,6 +46,15 @@ class GenerationConfig:
     """Prompt plus answer may not exceed this many tokens, below the engine's context_length:
     the governor's cap while memory is tight (a growing KV cache then stays small).
     None = context_length."""
+    speculate: bool = True
+    """Draft tokens by prompt lookup and verify them in one pass, where the engine has
+    speculation on and the graph can return logits for several positions. Greedy only: the
+    tokens are exactly those of plain decoding; sampling always decodes one at a time."""
+    trace_drafts: bool = False
+    """Record (drafted, accepted) per decode pass in the result (benchmarks replay it)."""
+    draft_phrases: tuple[str, ...] = ()
+    """Sentences the answer may copy verbatim (the configured escalation sentences, the
+    disclaimer): drafted from like the prompt."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -83,6 +93,17 @@ class GenerationResult:
     cached_tokens: int
     token_ids: tuple[int, ...] = field(repr=False)
     timing: Timing
+    speculation: DraftStats | None = field(default=None, repr=False)
+    """What speculative decoding did, when it ran."""
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """The engine's drafting setup for one generation: settings, and indexes of text the
+    answer may copy besides its prompt (edged's own sentences, earlier answers)."""
+
+    settings: DraftSettings
+    phrases: tuple[NgramIndex, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,7 @@ def run_generation(
     on_text: TextCallback | None = None,
     stop_check: StopCheck | None = None,
     between_steps: StepHook | None = None,
+    speculation: Speculation | None = None,
 ) -> GenerationResult:
     started = time.perf_counter()
     prompt = list(prompt_ids)
@@ -159,6 +181,9 @@ def run_generation(
     logits = prefill(runner, prompt[cached:], prefill_chunk)
     prefill_end = time.perf_counter()
     loop = _DecodeLoop(tokenizer, config, prompt, eos_ids, think_ids, on_text)
+    if _can_speculate(runner, config, speculation):
+        assert speculation is not None
+        loop.enable_drafts(prompt, speculation, config.trace_drafts)
     max_new = min(config.max_new_tokens, limit - len(prompt))
     finish = loop.run(runner, logits, max_new, stop_check, between_steps)
     return _result(
@@ -172,6 +197,23 @@ def run_generation(
         prefill_end,
         loop.first_token_at,
         time.perf_counter(),
+        loop.stats,
+    )
+
+
+def _can_speculate(
+    runner: GrowingKVRunner | SharedKVRunner,
+    config: GenerationConfig,
+    speculation: Speculation | None,
+) -> bool:
+    """Drafting needs the engine's setup, a greedy request that allows it, and a runner that
+    can check several positions in one pass and rewind (the in-place KV buffer's)."""
+    return (
+        speculation is not None
+        and config.speculate
+        and config.sampling.greedy
+        and isinstance(runner, SharedKVRunner)
+        and runner.can_verify
     )
 
 
@@ -229,6 +271,15 @@ class _DecodeLoop:
         self.reasoning_ids: list[int] = []
         self.generated: list[int] = []
         self.first_token_at: float | None = None
+        self._lookup: PromptLookup | None = None
+        self._draft_length: DraftLength | None = None
+        self.stats: DraftStats | None = None
+
+    def enable_drafts(self, prompt: list[int], speculation: Speculation, trace: bool) -> None:
+        settings = speculation.settings
+        self._lookup = PromptLookup(prompt, speculation.phrases, settings)
+        self._draft_length = DraftLength(settings)
+        self.stats = DraftStats(trace=[] if trace else None)
 
     def run(
         self,
@@ -238,19 +289,75 @@ class _DecodeLoop:
         stop_check: StopCheck | None,
         between_steps: StepHook | None,
     ) -> str:
-        """Decode until EOS, a stop string, `max_new` tokens or the caller's stop; the reason."""
+        """Decode until EOS, a stop string, `max_new` tokens or the caller's stop; the reason.
+
+        Every token, drafted or not, goes through the same choice (`_next_token` on the logits
+        that precede it) and the same checks, in order: speculation changes how many tokens
+        one forward pass yields, never which tokens, nor when streaming, a stop string, the
+        reasoning budget, a cancel or a deadline takes effect."""
+        chosen: int | None = None  # picked already, from a verification pass's logits
         while True:
-            token = self._next_token(logits)
-            if self._accept(token):
-                return FinishReason.STOP
-            if len(self.generated) >= max_new:
-                return FinishReason.LENGTH
-            reason = stop_check() if stop_check else None
-            if reason is not None:
-                return reason
+            token = chosen if chosen is not None else self._next_token(logits)
+            finish = self._take(token, max_new, stop_check)
+            if finish is not None:
+                return finish
             if between_steps is not None:
                 between_steps(len(self.generated))
-            logits = runner.forward([token])
+            drafts = self._drafts(runner, max_new)
+            if not drafts:
+                logits, chosen = runner.forward([token]), None
+                if self.stats is not None:
+                    self.stats.record(0, 0)
+                continue
+            finish, logits, chosen = self._verify(runner, token, drafts, max_new, stop_check)
+            if finish is not None:
+                return finish
+
+    def _take(self, token: int, max_new: int, stop_check: StopCheck | None) -> str | None:
+        """Accept `token`; the finish reason if the generation ends with it."""
+        if self._accept(token):
+            return FinishReason.STOP
+        if len(self.generated) >= max_new:
+            return FinishReason.LENGTH
+        return stop_check() if stop_check else None
+
+    def _drafts(self, runner: GrowingKVRunner | SharedKVRunner, max_new: int) -> list[int]:
+        if self._lookup is None or self._draft_length is None:
+            return []
+        # Room for the token itself and the drafts, in the cache and in the answer's cap.
+        room = min(runner.capacity - runner.length - 1, max_new - len(self.generated) - 1)
+        if room < 1:
+            return []
+        return self._lookup.propose(min(room, self._draft_length.allowance()))
+
+    def _verify(
+        self,
+        runner: GrowingKVRunner | SharedKVRunner,
+        token: int,
+        drafts: list[int],
+        max_new: int,
+        stop_check: StopCheck | None,
+    ) -> tuple[str | None, np.ndarray, int | None]:
+        """Run `token` and `drafts` in one pass and take the drafts the model agrees with, in
+        order. Returns (finish reason or None, the logits after the last token kept, or the
+        next token already chosen where a draft was rejected)."""
+        assert isinstance(runner, SharedKVRunner) and self._draft_length and self.stats
+        base = runner.length
+        rows = runner.verify([token, *drafts])
+        accepted, finish, chosen = 0, None, None
+        for i, draft in enumerate(drafts):
+            choice = self._next_token(rows[i])
+            if choice != draft:
+                chosen = choice
+                break
+            accepted += 1
+            finish = self._take(draft, max_new, stop_check)
+            if finish is not None:
+                break
+        runner.rewind(base + 1 + accepted)
+        self._draft_length.record(len(drafts), accepted)
+        self.stats.record(len(drafts), accepted)
+        return finish, rows[accepted], chosen
 
     def _next_token(self, logits: np.ndarray) -> int:
         if self._reasoning.over_budget and not self._forced:
@@ -263,6 +370,8 @@ class _DecodeLoop:
         """Record `token`; True when it ends the answer (EOS or a stop string)."""
         self.generated.append(token)
         self._context.append(token)
+        if self._lookup is not None:
+            self._lookup.append(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token in self._eos:
@@ -306,6 +415,7 @@ def _result(
     prefill_end: float,
     first_token_at: float | None,
     ended: float | None,
+    speculation: DraftStats | None = None,
 ) -> GenerationResult:
     ended = ended if ended is not None else time.perf_counter()
     prefill_s = prefill_end - started
@@ -319,6 +429,7 @@ def _result(
         completion_tokens=len(generated),
         cached_tokens=cached,
         token_ids=tuple(generated),
+        speculation=speculation,
         timing=Timing(
             prefill_ms=prefill_s * 1000,
             first_token_ms=(first_token_at - started) * 1000 if first_token_at else None,

@@ -28,6 +28,8 @@ import onnxruntime as ort
 
 from edged.engine.manifest import ModelDirError, ModelManifest
 
+LOGITS_KEEP = "logits_to_keep"
+"""The graph input (int64 [1], default 1) naming how many last positions get logits."""
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -55,6 +57,9 @@ class GraphLayout:
     """present_names[i] is the output that continues past_names[i]."""
     logits_name: str
     logits_last_only: bool
+    logits_keep_input: str | None = None
+    """The input that sets how many last positions get logits (`logits_to_keep`, 1 unless
+    fed), when the graph has it: a verification pass of speculative decoding asks for more."""
 
     def describe(self) -> dict[str, object]:
         return {
@@ -65,7 +70,9 @@ class GraphLayout:
             "kv_dtype": np.dtype(self.kv_dtype).name,
             "position_ids": self.has_position_ids,
             "shared_kv_buffer": self.shared_kv_buffer,
-            "logits": "last" if self.logits_last_only else "all",
+            "logits": "last_n"
+            if self.logits_keep_input
+            else ("last" if self.logits_last_only else "all"),
         }
 
     def kv_bytes_per_token(self) -> int:
@@ -123,9 +130,17 @@ def inspect_graph(
         past_names=past_names,
         present_names=present_names,
         logits_name="logits",
-        logits_last_only=manifest.logits == "last"
+        logits_last_only=manifest.logits in ("last", "last_n")
         or (len(logits_shape) == 3 and logits_shape[1] == 1),
+        logits_keep_input=LOGITS_KEEP if LOGITS_KEEP in _overridable(session) else None,
     )
+
+
+def _overridable(session: ort.InferenceSession) -> set[str]:
+    """Inputs with a default (initializers a run may override)."""
+    return {i.name for i in session.get_overridable_initializers()} | {
+        i.name for i in session.get_inputs()
+    }
 
 
 def _require_io(inputs: dict[str, Any], outputs: dict[str, Any], graph_file: str) -> None:

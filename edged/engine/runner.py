@@ -137,6 +137,11 @@ class SharedKVRunner(_RunnerBase):
         ):
             self._io.bind_ortvalue_input(past, value)
             self._io.bind_ortvalue_output(present, value)
+        # `logits_to_keep` has a default in the graph (an initializer), which IO binding takes
+        # only as an OrtValue; one per count, made once (each keeps its array alive).
+        self._keep: dict[int, ort.OrtValue] = {}
+        if layout.logits_keep_input is not None:
+            self._bind_keep(1)
         # The snapshot whose positions the buffers still hold: generation after a restore only
         # writes beyond the prefix, so restoring the same snapshot again needs no copy.
         self._resident: KVSnapshot | None = None
@@ -162,6 +167,66 @@ class SharedKVRunner(_RunnerBase):
             return step_buffer[0, -1]
         # Presents were bound first, logits last: a rebinding keeps its place.
         return self._last_logits(io.get_outputs()[-1])
+
+    @property
+    def can_verify(self) -> bool:
+        """Whether `verify` can return logits for several positions: the graph has the
+        `logits_to_keep` input, or returns logits for every position."""
+        return self.layout.logits_keep_input is not None or not self.layout.logits_last_only
+
+    def verify(self, ids: Sequence[int]) -> np.ndarray:
+        """Run `ids` in one pass and return the logits after each of them, shape (len(ids),
+        vocab): row i predicts the token that follows ids[: i + 1]. Speculative decoding
+        checks drafted tokens with it; `rewind` then drops the ones the model did not accept."""
+        n = len(ids)
+        self._check_room(n)
+        keep = self.layout.logits_keep_input
+        if keep is None and self.layout.logits_last_only:
+            raise ValueError("this graph returns logits for the last position only")
+        io = self._io
+        self._bind_step_inputs(ids)
+        if keep is not None:
+            self._bind_keep(n)
+        io.bind_output(self.layout.logits_name, "cpu")
+        self.session.run_with_iobinding(io)
+        if keep is not None:
+            self._bind_keep(1)  # plain steps and prefill: the last position
+        self.length += n
+        logits = io.get_outputs()[-1].numpy()
+        return np.asarray(logits[0, -n:], dtype=np.float32)
+
+    def batch_differences(
+        self, prompt: Sequence[int], tokens: Sequence[int], chunk: int
+    ) -> list[float]:
+        """After `prompt`, the largest logit difference at each of `tokens` between one
+        verification pass and one step at a time (the cache is reset after)."""
+        self.reset()
+        for start in range(0, len(prompt), chunk):
+            self.forward(prompt[start : start + chunk])
+        base = self.length
+        batch = self.verify(tokens)
+        self.rewind(base)
+        diffs = [
+            float(np.max(np.abs(self.forward([t]) - row)))
+            for t, row in zip(tokens, batch, strict=True)
+        ]
+        self.reset()
+        return diffs
+
+    def _bind_keep(self, n: int) -> None:
+        value = self._keep.get(n)
+        if value is None:
+            value = self._keep[n] = _ortvalue(np.array([n], dtype=np.int64))
+        assert self.layout.logits_keep_input is not None
+        self._io.bind_ortvalue_input(self.layout.logits_keep_input, value)
+
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (drafted tokens the model rejected). The
+        buffers keep their stale values: the mask bounds attention, and the next step writes
+        over them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rewind to {length}: the cache holds {self.length} positions")
+        self.length = length
 
     def snapshot(self) -> KVSnapshot:
         n = self.length

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from edged.clinical.advice import GuardedAdvice, degraded_text, grounded_question, guard
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import Triage, assess
-from edged.config.models import EdgedConfig, ModelConfig
+from edged.config.models import ClinicalConfig, EdgedConfig, ModelConfig
 from edged.domain import FinishReason, Query, Vitals
 from edged.engine import (
     ContextFullError,
@@ -49,8 +49,10 @@ _NOT_STARTED: dict[str, ErrorCode] = {
 
 
 def generation_settings(
-    model: ModelConfig, query: Query, decision: GovernorDecision
+    model: ModelConfig, query: Query, decision: GovernorDecision, phrases: tuple[str, ...] = ()
 ) -> GenerationConfig:
+    """The request's generation settings; `phrases`: sentences the answer may copy, drafted
+    from by speculative decoding (draft_phrases)."""
     return GenerationConfig(
         # A hot board answers shorter (the governor's cap), never longer than asked.
         max_new_tokens=min(query.max_tokens, decision.max_new_tokens or query.max_tokens),
@@ -61,7 +63,14 @@ def generation_settings(
         reasoning_budget=model.reasoning_budget,
         # Tight memory: a shorter context keeps a growing KV cache small.
         max_context=decision.context_cap,
+        draft_phrases=phrases,
     )
+
+
+def draft_phrases(clinical: ClinicalConfig) -> tuple[str, ...]:
+    """edged's own sentences that a model trained or prompted on them writes verbatim: the
+    configured escalation sentences and the disclaimer."""
+    return (*clinical.escalation.values(), clinical.disclaimer)
 
 
 @dataclass(frozen=True)
@@ -305,7 +314,7 @@ class Worker:
         streamer = self._streamer(work, config) if query.stream else None
         result = backend.chat(
             messages,
-            generation_settings(config.model, query, decision),
+            generation_settings(config.model, query, decision, draft_phrases(config.clinical)),
             enable_thinking=config.model.enable_thinking,
             on_text=streamer.push if streamer else None,
             stop_check=lambda: self._stop_reason(job),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edged.engine.draft import DraftSettings
 from edged.engine.engine import Engine, EngineOptions
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ def load(
             verify_hashes=config.verify_hashes,
             spin=config.spin_threads,
             preferred_cores=preferred_cores,
+            speculation=DraftSettings() if config.speculation else None,
             prepacked_cache=cache_dir / "prepacked"
             if cache_dir is not None and config.prepacked_cache
             else None,

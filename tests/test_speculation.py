@@ -1,0 +1,205 @@
+"""Speculative decoding by prompt lookup: the same tokens as plain greedy decoding, fewer
+forward passes where the answer copies its prompt, and every per-token behaviour (streaming,
+stop strings, the token cap, cancel, the reasoning budget) exactly as without it. Real
+onnxruntime on the demo model (trained: it copies the vitals block) and the tiny fixture
+(random: its drafts are mostly rejected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.config.models import ClinicalConfig
+from edged.engine import Engine, EngineOptions, GenerationConfig
+from edged.engine.draft import DraftSettings
+from edged.eval.datasets import DEFAULT_FILES, load
+from edged.models import DEMO_MODEL
+from edged.service.worker import draft_phrases
+
+pytestmark = pytest.mark.arm64
+
+
+@pytest.fixture
+def demo() -> Engine:
+    """A fresh engine: no earlier answers to draft from."""
+    return Engine.load(DEMO_MODEL, EngineOptions(threads=1, context_length=1024))
+
+
+def _drafting(engine: Engine, at_least: int = 4) -> None:
+    """Skip a test of what drafting gains where the engine's load-time check capped or turned
+    off speculation: this CPU's kernels compute a batch's later rows differently from one
+    step at a time (the identity tests still run there: they hold either way)."""
+    settings = engine.options.speculation
+    if settings is None or settings.max_draft < at_least:
+        pytest.skip(
+            f"speculation {'off' if settings is None else f'capped at {settings.max_draft}'}"
+            f" on this CPU (batch rows differ by {engine.speculation_checked:.3g})"
+        )
+
+
+def _prompts(engine: Engine, n: int) -> list[list[int]]:
+    """The first `n` held-out questions as the daemon asks them (system prompt, vitals
+    block, question)."""
+    rows = load([DEFAULT_FILES[0]])[:n]
+    return [engine.render_chat(r.data["messages"][:2], enable_thinking=False) for r in rows]
+
+
+def _pair(engine: Engine, prompt: list[int], **config: object):
+    """(plain, speculative) answers to `prompt`; the speculative one first, so that it cannot
+    draft from the plain one's tokens (kept among the engine's recent answers)."""
+    fast = engine.generate(prompt, GenerationConfig(**config))  # type: ignore[arg-type]
+    plain = engine.generate(prompt, GenerationConfig(speculate=False, **config))  # type: ignore[arg-type]
+    return plain, fast
+
+
+def test_the_demo_models_graph_can_verify_drafts(demo: Engine) -> None:
+    assert demo.layout.logits_keep_input == "logits_to_keep"
+    assert demo.manifest.logits == "last_n"
+
+
+def test_greedy_answers_are_token_for_token_the_same_with_fewer_passes(demo: Engine) -> None:
+    results = [_pair(demo, prompt, max_new_tokens=160) for prompt in _prompts(demo, 6)]
+    for plain, fast in results:
+        assert fast.token_ids == plain.token_ids
+        assert fast.text == plain.text and fast.finish_reason == plain.finish_reason
+        assert plain.speculation is None
+    _drafting(demo)
+    stats = [fast.speculation for _, fast in results]
+    assert all(s is not None for s in stats)
+    drafted = sum(s.drafted for s in stats if s)
+    accepted = sum(s.accepted for s in stats if s)
+    passes = sum(s.passes for s in stats if s)
+    tokens = sum(fast.completion_tokens - 1 for _, fast in results)
+    # The answers quote the vitals block and reuse the phrasing of the answers before them:
+    # most drafts are taken, and a pass yields well over one token on average (the first
+    # token comes from the prefill, not from a pass).
+    assert accepted / drafted > 0.5, (accepted, drafted)
+    assert tokens / passes > 1.3, (tokens, passes)
+
+
+def test_the_streamed_text_is_the_same_delta_by_delta(demo: Engine) -> None:
+    prompt = _prompts(demo, 1)[0]
+    chunks: dict[bool, list[str]] = {True: [], False: []}
+    for speculate in (False, True):
+        config = GenerationConfig(max_new_tokens=120, speculate=speculate)
+        demo.generate(prompt, config, on_text=chunks[speculate].append)
+    assert "".join(chunks[True]) == "".join(chunks[False])
+    assert chunks[True] == chunks[False]  # not only the text: each delta, in order
+
+
+def test_stop_strings_and_the_token_cap_cut_at_the_same_token(demo: Engine) -> None:
+    prompt = _prompts(demo, 1)[0]
+    whole = demo.generate(prompt, GenerationConfig(max_new_tokens=160, speculate=False)).text
+    stop = whole.split()[6]  # a word the answer writes, somewhere in its middle
+    plain, fast = _pair(demo, prompt, max_new_tokens=160, stop=(stop,))
+    assert fast.text == plain.text and stop not in fast.text and fast.finish_reason == "stop"
+    for cap in (1, 2, 7, 30):
+        plain, fast = _pair(demo, prompt, max_new_tokens=cap)
+        assert fast.token_ids == plain.token_ids and len(fast.token_ids) == cap
+
+
+def test_a_cancel_takes_effect_after_the_same_token(demo: Engine) -> None:
+    prompt = _prompts(demo, 1)[0]
+    results = []
+    for speculate in (False, True):
+        seen: list[str] = []
+
+        def cancel_after_40_chars(seen: list[str] = seen) -> str | None:
+            return "cancelled" if len("".join(seen)) >= 40 else None
+
+        results.append(
+            demo.generate(
+                prompt,
+                GenerationConfig(max_new_tokens=160, speculate=speculate),
+                on_text=seen.append,
+                stop_check=cancel_after_40_chars,
+            )
+        )
+    plain, fast = results
+    assert fast.finish_reason == plain.finish_reason == "cancelled"
+    assert fast.token_ids == plain.token_ids
+
+
+def test_the_reasoning_budget_closes_the_block_at_the_same_token(demo: Engine) -> None:
+    rows = load([DEFAULT_FILES[0]])[:1]
+    prompt = demo.render_chat(rows[0].data["messages"][:2], enable_thinking=True)
+    plain, fast = _pair(demo, prompt, max_new_tokens=120, reasoning_budget=12)
+    assert fast.token_ids == plain.token_ids and fast.reasoning == plain.reasoning
+
+
+def test_sampling_decodes_one_token_at_a_time(demo: Engine) -> None:
+    prompt = _prompts(demo, 1)[0]
+    sampled = {"max_new_tokens": 40, "temperature": 0.8, "seed": 3}
+    a = demo.generate(prompt, GenerationConfig(**sampled))  # type: ignore[arg-type]
+    b = demo.generate(prompt, GenerationConfig(speculate=False, **sampled))  # type: ignore[arg-type]
+    assert a.speculation is None and a.token_ids == b.token_ids
+
+
+def test_fixed_phrases_are_drafted_from() -> None:
+    """Answers that end in an escalation sentence: given the sentences as phrases, more of
+    the answer comes from accepted drafts than without (no earlier answers to draft from)."""
+    engine = Engine.load(
+        DEMO_MODEL,
+        EngineOptions(threads=1, context_length=1024, speculation=DraftSettings(recent_answers=0)),
+    )
+    _drafting(engine, at_least=2)
+    phrases = draft_phrases(ClinicalConfig())
+    with_phrases = without = 0
+    for ids in _prompts(engine, 12):
+        a = engine.generate(ids, GenerationConfig(max_new_tokens=160, draft_phrases=phrases))
+        b = engine.generate(ids, GenerationConfig(max_new_tokens=160))
+        assert a.token_ids == b.token_ids
+        assert a.speculation is not None and b.speculation is not None
+        with_phrases += a.speculation.accepted
+        without += b.speculation.accepted
+    assert with_phrases > without
+
+
+def test_earlier_answers_are_drafted_from(demo: Engine) -> None:
+    """The second time a question is asked, its answer is drafted almost whole from the
+    first (kept among the recent answers): the same tokens, in a few passes."""
+    prompt = _prompts(demo, 1)[0]
+    first = demo.generate(prompt, GenerationConfig(max_new_tokens=160))
+    again = demo.generate(prompt, GenerationConfig(max_new_tokens=160))
+    assert again.token_ids == first.token_ids
+    _drafting(demo)
+    assert again.speculation is not None
+    assert again.speculation.passes * 4 < again.completion_tokens
+
+
+def test_a_graph_that_cannot_verify_decodes_one_token_at_a_time() -> None:
+    """The optimum layout (a growing KV cache, no logits_to_keep): no speculation."""
+    from tests._models import TINY_QWEN3_INT4
+
+    engine = Engine.load(TINY_QWEN3_INT4, EngineOptions(threads=1, context_length=256))
+    result = engine.generate([5, 17, 300, 42] * 4, GenerationConfig(max_new_tokens=12))
+    assert result.speculation is None and result.completion_tokens >= 1
+
+
+@pytest.mark.export
+def test_the_random_model_gives_the_same_tokens_whatever_its_drafts(tmp_path: Path) -> None:
+    """A tiny random model, exported by the stream exporter: it repeats itself and rarely
+    agrees with a draft, so passes are rejected and rewound all the time; the same tokens."""
+    from tests._models import export_deps_missing, make_test_model
+
+    if export_deps_missing():
+        pytest.skip(str(export_deps_missing()))
+    from edged.export import ExportOptions, export_model
+
+    checkpoint = make_test_model().build_checkpoint(tmp_path / "checkpoint")
+    out = tmp_path / "tiny-stream"
+    export_model(ExportOptions(source=str(checkpoint), output=out, progress=False, verify=False))
+    engine = Engine.load(out, EngineOptions(threads=1, context_length=256))
+    assert engine.layout.logits_keep_input == "logits_to_keep"
+    _drafting(engine, at_least=1)
+    rng = np.random.default_rng(5)
+    rejected = 0
+    for _ in range(4):
+        prompt = [int(t) for t in rng.integers(0, 1000, size=40)]
+        plain, fast = _pair(engine, prompt, max_new_tokens=60, ignore_eos=True)
+        assert fast.token_ids == plain.token_ids
+        assert fast.speculation is not None
+        rejected += fast.speculation.drafted - fast.speculation.accepted
+    assert rejected > 0  # the rewinds were exercised
