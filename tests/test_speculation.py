@@ -18,8 +18,6 @@ from edged.eval.datasets import DEFAULT_FILES, load
 from edged.models import DEMO_MODEL
 from edged.service.worker import draft_phrases
 
-pytestmark = pytest.mark.arm64
-
 
 @pytest.fixture
 def demo() -> Engine:
@@ -27,15 +25,13 @@ def demo() -> Engine:
     return Engine.load(DEMO_MODEL, EngineOptions(threads=1, context_length=1024))
 
 
-def _drafting(engine: Engine, at_least: int = 4) -> None:
-    """Skip a test of what drafting gains where the engine's load-time check capped or turned
-    off speculation: this CPU's kernels compute a batch's later rows differently from one
-    step at a time (the identity tests still run there: they hold either way)."""
-    settings = engine.options.speculation
-    if settings is None or settings.max_draft < at_least:
+def _drafting(engine: Engine) -> None:
+    """Skip a test of what drafting gains where the engine's load-time check turned
+    speculation off: this CPU's kernels compute a batch's rows otherwise than one step at a
+    time, beyond rounding (the identity tests still run there: they hold either way)."""
+    if engine.options.speculation is None:
         pytest.skip(
-            f"speculation {'off' if settings is None else f'capped at {settings.max_draft}'}"
-            f" on this CPU (batch rows differ by {engine.speculation_checked:.3g})"
+            f"speculation off on this CPU (batch rows differ by {engine.speculation_checked:.3g})"
         )
 
 
@@ -54,16 +50,45 @@ def _pair(engine: Engine, prompt: list[int], **config: object):
     return plain, fast
 
 
+NEAR_TIE = 0.02
+"""Where a drafted answer leaves plain decoding's, the two tokens' logits must be closer than
+this, relative to the largest: rounding (measured 1e-3 on some rows) decides such a tie, and
+a wrong draft taken, or a rewind that kept a stale position, would not leave a tie behind."""
+
+
+def _same_answer(engine: Engine, prompt: list[int], plain, fast) -> None:  # type: ignore[no-untyped-def]
+    """The drafted answer is plain decoding's, token for token, or it leaves it at a near tie
+    (README, "Speculative decoding": a batch's rows round otherwise than a step alone)."""
+    if fast.token_ids == plain.token_ids:
+        return
+    a, b = fast.token_ids, plain.token_ids
+    k = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
+    assert k < min(len(a), len(b)), "one answer is cut short"
+    row = engine.logits_for(prompt, [plain.token_ids[: k + 1]])[0][k]
+    gap = abs(float(row[plain.token_ids[k]] - row[fast.token_ids[k]]))
+    assert gap < NEAR_TIE * float(np.max(np.abs(row))), (k, gap)
+
+
+@pytest.mark.arm64
+def test_on_this_cpu_drafted_answers_are_the_answers_without_drafts(demo: Engine) -> None:
+    """The short form of the tests below, for the ARM check: onnxruntime's kernels differ
+    per CPU, and a batch's rows must stay within rounding of one step at a time."""
+    for prompt in _prompts(demo, 2):
+        plain, fast = _pair(demo, prompt, max_new_tokens=60)
+        _same_answer(demo, prompt, plain, fast)
+    assert demo.speculation_checked is not None
+
+
 def test_the_demo_models_graph_can_verify_drafts(demo: Engine) -> None:
     assert demo.layout.logits_keep_input == "logits_to_keep"
     assert demo.manifest.logits == "last_n"
 
 
 def test_greedy_answers_are_token_for_token_the_same_with_fewer_passes(demo: Engine) -> None:
-    results = [_pair(demo, prompt, max_new_tokens=160) for prompt in _prompts(demo, 6)]
-    for plain, fast in results:
-        assert fast.token_ids == plain.token_ids
-        assert fast.text == plain.text and fast.finish_reason == plain.finish_reason
+    prompts = _prompts(demo, 6)
+    results = [_pair(demo, prompt, max_new_tokens=160) for prompt in prompts]
+    for prompt, (plain, fast) in zip(prompts, results, strict=True):
+        _same_answer(demo, prompt, plain, fast)
         assert plain.speculation is None
     _drafting(demo)
     stats = [fast.speculation for _, fast in results]
@@ -144,13 +169,13 @@ def test_fixed_phrases_are_drafted_from() -> None:
         DEMO_MODEL,
         EngineOptions(threads=1, context_length=1024, speculation=DraftSettings(recent_answers=0)),
     )
-    _drafting(engine, at_least=2)
+    _drafting(engine)
     phrases = draft_phrases(ClinicalConfig())
     with_phrases = without = 0
     for ids in _prompts(engine, 12):
         a = engine.generate(ids, GenerationConfig(max_new_tokens=160, draft_phrases=phrases))
         b = engine.generate(ids, GenerationConfig(max_new_tokens=160))
-        assert a.token_ids == b.token_ids
+        _same_answer(engine, ids, b, a)
         assert a.speculation is not None and b.speculation is not None
         with_phrases += a.speculation.accepted
         without += b.speculation.accepted
@@ -167,6 +192,22 @@ def test_earlier_answers_are_drafted_from(demo: Engine) -> None:
     _drafting(demo)
     assert again.speculation is not None
     assert again.speculation.passes * 4 < again.completion_tokens
+
+
+def test_a_forgotten_answer_is_not_drafted_from(demo: Engine) -> None:
+    """`forget_last_answer` drops the latest answer from the ones drafted from: asked again,
+    the question drafts only from its prompt, as the first time."""
+    prompt = _prompts(demo, 1)[0]
+    first = demo.generate(prompt, GenerationConfig(max_new_tokens=160))
+    demo.forget_last_answer()
+    forgotten = demo.generate(prompt, GenerationConfig(max_new_tokens=160))
+    remembered = demo.generate(prompt, GenerationConfig(max_new_tokens=160))
+    assert first.token_ids == forgotten.token_ids == remembered.token_ids
+    _drafting(demo)
+    assert first.speculation is not None and forgotten.speculation is not None
+    assert remembered.speculation is not None
+    assert forgotten.speculation.passes == first.speculation.passes
+    assert remembered.speculation.passes < forgotten.speculation.passes
 
 
 def test_a_graph_that_cannot_verify_decodes_one_token_at_a_time() -> None:
@@ -193,13 +234,13 @@ def test_the_random_model_gives_the_same_tokens_whatever_its_drafts(tmp_path: Pa
     export_model(ExportOptions(source=str(checkpoint), output=out, progress=False, verify=False))
     engine = Engine.load(out, EngineOptions(threads=1, context_length=256))
     assert engine.layout.logits_keep_input == "logits_to_keep"
-    _drafting(engine, at_least=1)
+    _drafting(engine)
     rng = np.random.default_rng(5)
     rejected = 0
     for _ in range(4):
         prompt = [int(t) for t in rng.integers(0, 1000, size=40)]
         plain, fast = _pair(engine, prompt, max_new_tokens=60, ignore_eos=True)
-        assert fast.token_ids == plain.token_ids
+        _same_answer(engine, prompt, plain, fast)
         assert fast.speculation is not None
         rejected += fast.speculation.drafted - fast.speculation.accepted
     assert rejected > 0  # the rewinds were exercised

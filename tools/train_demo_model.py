@@ -6,8 +6,8 @@ From a fixed seed, on the CPU: a byte-level BPE tokenizer trained on the corpus
 AdamW on the assistant turns only, for a fixed time budget (the learning-rate schedule runs on
 the clock, so it ends on time). Then the project's own exporter makes the int4 edged model.
 The result reads as advice and quotes the wearer's numbers where the corpus does (exactly, in
-95 % of the held-out answers: edged/models/README.md); it knows nothing else. It is **a demo model trained on
-synthetic dialogues, not a medical model**, and its manifest says so.
+95 % of the held-out answers: edged/models/README.md); it knows nothing else. It is **a demo
+model trained on synthetic dialogues, not a medical model**, and its manifest says so.
 
     python tools/make_clinical_corpus.py --out ~/.cache/edged/demo-corpus
     python tools/train_demo_model.py --corpus ~/.cache/edged/demo-corpus \\

@@ -116,7 +116,7 @@ class ModelConfig(Section):
         True,
         description="speculative decoding by prompt lookup: draft the next tokens from the "
         "prompt, edged's fixed sentences and recent answers, and check them in one pass (the "
-        "same answer, in fewer passes; greedy decoding, on graphs exported with "
+        "same answer up to rounding, in fewer passes; greedy decoding, on graphs exported with "
         "logits_to_keep)",
     )
     prepacked_cache: bool = Field(

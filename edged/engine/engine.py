@@ -42,10 +42,16 @@ from edged.engine.tokenizer import ChatTokenizer, Message
 
 log = logging.getLogger(__name__)
 
-BATCH_TOLERANCE = 1e-3
-"""Largest difference between a verification pass's logits and one-at-a-time logits that
-speculation tolerates: float32 reassociation gives about 1e-5, a different kernel path 1e-2
-and more."""
+BATCH_TOLERANCE = 5e-2
+"""Largest difference between a verification pass's logits and one-at-a-time logits, relative
+to the largest logit, that speculation works with. float32 reassociation gives 1e-7 to 1e-5;
+onnxruntime's int8-activation kernels (MatMulNBits at accuracy level 4) give some rows 1e-3 to
+2e-2 (measured: x86 with AVX-512 and with AVX2, the demo model and the Qwen3-1.7B shape). Beyond
+this the kernels compute something else in a batch, and speculation is off."""
+PROBE_TOKENS = 32
+"""Rows the load-time probe compares, batch against one at a time: rows differ by more than
+reassociation only here and there (measured: 4 rows of 16 at 1e-3, the rest at 1e-7), so the
+probe is a whole answer, not a draft's worth (at Qwen3-1.7B on 2 x86 cores, 2 s of load)."""
 _PROBE_QUESTION = (
     "The wearer's readings over the last 30 min (3 summaries):\n- SpO2: 91 % now, lowest 89 %\n"
     "- heart rate: 104 /min now, range 98-112 /min\n- temperature: 38.2 °C\n"
@@ -176,8 +182,8 @@ class Engine:
         self._lock = threading.Lock()
         self._prefix: PrefixEntry | None = None
         self.speculation_checked: float | None = None
-        """The probe's largest logit difference, batch against one at a time (None: not
-        checked, no speculation on this graph); above BATCH_TOLERANCE speculation is off."""
+        """The probe's largest logit difference, batch against one at a time, relative (None:
+        not checked, no speculation on this graph); above BATCH_TOLERANCE speculation is off."""
         self._phrases: dict[str, NgramIndex] = {}
         self._recent: collections.deque[NgramIndex] = collections.deque(
             maxlen=options.speculation.recent_answers if options.speculation else 0
@@ -320,40 +326,45 @@ class Engine:
                 self._recent.append(phrase_index(result.token_ids, settings))
             return result
 
-    def _check_speculation(self) -> float | None:
-        """Check that a verification pass gives its rows the logits one step at a time gives,
-        on this graph and this CPU, and cap the draft at the rows that do; the largest
-        difference seen, or None when there is nothing to check.
+    def forget_last_answer(self) -> None:
+        """Stop drafting from the latest answer (kept among the recent answers otherwise): a
+        benchmark that asks the same question twice, once without speculation, must not let
+        the repeat serve as an earlier answer to draft the next question from."""
+        with self._lock:
+            if self._recent:
+                self._recent.pop()
 
-        onnxruntime's int8-activation kernels (MatMulNBits, accuracy level 4) may compute a
-        row differently in a batch than alone: measured here, an AVX2 CPU from the third row
-        of a batch on, AVX-512 with blocks of 64 from the fourth (logits 0.03-0.08 apart). A
-        draft verified by such rows may not be the token plain decoding picks; so the draft
-        is capped below the first row that differs, and speculation is off when even the
-        second does, rather than let it change an answer."""
+    def _check_speculation(self) -> float | None:
+        """Measure how far a verification pass's rows are from one step at a time, on this
+        graph and this CPU; the largest relative difference, or None when there is nothing to
+        check. Beyond BATCH_TOLERANCE speculation is off, with a warning.
+
+        Within it a drafted token is accepted on logits that may differ from plain decoding's
+        by rounding, and the KV entries a verification pass writes carry that rounding into
+        later steps: a greedy answer is plain decoding's except where its two best candidates
+        are a rounding apart (README, "Speculative decoding")."""
         runner, settings = self._runner, self.options.speculation
         if settings is None or not isinstance(runner, SharedKVRunner) or not runner.can_verify:
             return None
         prompt = self.render_chat([{"role": "user", "content": _PROBE_QUESTION}])
-        answer = self.tokenizer.encode(_PROBE_ANSWER)
-        probe = (answer * (settings.max_draft // max(1, len(answer)) + 2))[: settings.max_draft + 1]
+        probe = self.tokenizer.encode(_PROBE_ANSWER)[:PROBE_TOKENS]
+        # Any tokens probe the kernels; a context too short for the whole question keeps its end.
+        room = runner.capacity - len(probe)
+        if room < 1:
+            return None
+        prompt = prompt[-room:]
         with self._lock:
             self.cores.pin_caller()
-            diffs = runner.batch_differences(prompt, probe, self.options.prefill_chunk)
-        same = next((i for i, d in enumerate(diffs) if d > BATCH_TOLERANCE), len(diffs))
-        if same < len(diffs):
+            worst = max(runner.batch_differences(prompt, probe, self.options.prefill_chunk))
+        if worst > BATCH_TOLERANCE:
             log.warning(
-                "speculative decoding: this CPU's kernels give row %d of a %d-row batch logits "
-                "%.3g away from one step at a time (limit %g): %s",
-                same,
-                len(diffs),
-                diffs[same],
+                "speculative decoding off: this CPU's kernels give a batch's rows logits %.3g "
+                "(relative) away from one step at a time (limit %g)",
+                worst,
                 BATCH_TOLERANCE,
-                f"drafts capped at {same - 1} tokens" if same >= 2 else "off",
             )
-            capped = replace(settings, max_draft=same - 1) if same >= 2 else None
-            self.options = replace(self.options, speculation=capped)
-        return max(diffs)
+            self.options = replace(self.options, speculation=None)
+        return worst
 
     def _speculation(self, phrases: Sequence[str]) -> Speculation | None:
         """Drafting for one generation: the configured phrases (tokenized and indexed once),

@@ -199,17 +199,18 @@ class SharedKVRunner(_RunnerBase):
         self, prompt: Sequence[int], tokens: Sequence[int], chunk: int
     ) -> list[float]:
         """After `prompt`, the largest logit difference at each of `tokens` between one
-        verification pass and one step at a time (the cache is reset after)."""
+        verification pass and one step at a time, relative to the step's largest logit (the
+        cache is reset after)."""
         self.reset()
         for start in range(0, len(prompt), chunk):
             self.forward(prompt[start : start + chunk])
         base = self.length
-        batch = self.verify(tokens)
+        batch = np.array(self.verify(tokens), copy=True)
         self.rewind(base)
-        diffs = [
-            float(np.max(np.abs(self.forward([t]) - row)))
-            for t, row in zip(tokens, batch, strict=True)
-        ]
+        diffs = []
+        for t, row in zip(tokens, batch, strict=True):
+            step = self.forward([t])
+            diffs.append(float(np.max(np.abs(step - row)) / max(1.0, float(np.max(np.abs(step))))))
         self.reset()
         return diffs
 
