@@ -37,6 +37,7 @@ from edged.engine.generate import (
 from edged.engine.graph import GraphLayout, inspect_graph
 from edged.engine.manifest import ModelDirError, ModelManifest, load_manifest
 from edged.engine.parallelism import CoreLimiter, created_threads
+from edged.engine.residency import drop_clean_pages
 from edged.engine.runner import SharedKVRunner, make_runner
 from edged.engine.tokenizer import ChatTokenizer, Message
 
@@ -220,6 +221,8 @@ class Engine:
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
         engine.cores = CoreLimiter.for_this_process(pool, options.preferred_cores)
         engine.speculation_checked = engine._check_speculation()
+        released = sum(drop_clean_pages(f) for f in model_dir.glob(f"{graph.name}.data*"))
+        log.debug("released %d MB of mapped weights the graph no longer reads", released >> 10)
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
             manifest.name,
