@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,24 @@ def _tensor(writer: Any, name: str, array: np.ndarray, qtype: str) -> None:
         writer.add_tensor(name, gguf.quants.quantize(array, qt), raw_dtype=qt)
 
 
+def _checkpoint_tensors(checkpoint: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) of every tensor, one at a time, from a single or sharded
+    safetensors checkpoint: the writer keeps the converted tensors until it writes them, but
+    the checkpoint's own copy is never all in memory (a 4B checkpoint is 8 GB in bf16)."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise ValueError(f"{checkpoint}: no model*.safetensors")
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield hf_name, f.get_tensor(hf_name).to(torch.float32).numpy()
+
+
 def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16") -> Path:
     import gguf
-    import torch
-    from safetensors.torch import load_file
 
     if qtype not in TYPES:
         raise ValueError(f"type = {qtype!r} is not one of {', '.join(TYPES)}")
@@ -148,13 +163,13 @@ def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16") -> Path:
     _metadata(writer, config, checkpoint, qtype)
     _tokenizer(writer, checkpoint, config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config["num_hidden_layers"])
-    for hf_name, tensor in load_file(checkpoint / "model.safetensors").items():
+    for hf_name, array in _checkpoint_tensors(checkpoint):
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp reuses token_embd when there is no output tensor
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{checkpoint}: no GGUF name for tensor {hf_name}")
-        _tensor(writer, name, tensor.to(torch.float32).numpy(), qtype)
+        _tensor(writer, name, array, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
