@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edged.domain import (
     SEVERITIES,
@@ -395,6 +395,34 @@ class ServiceConfig(Section):
     )
 
 
+class MetricsConfig(Section):
+    listen: str | None = Field(
+        None,
+        description='Prometheus /metrics on this "HOST:PORT" (e.g. "127.0.0.1:9464"; IPv6 as '
+        '"[::1]:9464"); off when absent. No wearer or query ids are ever labels, but bind it to '
+        "loopback or a management network: the counts describe a ward's activity",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f'{value!r} is not "HOST:PORT" with a port from 1 to 65535 (e.g. "127.0.0.1:9464")'
+        )
+    return host, int(port)
+
+
 class EdgedConfig(Section):
     node_id: str = Field(
         default_factory=default_node_id,
@@ -410,6 +438,7 @@ class EdgedConfig(Section):
     governor: GovernorConfig = Field(default_factory=GovernorConfig)
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="journal/console log level; query text is never logged at info"
     )

@@ -43,6 +43,7 @@ from edged.service.metrics import Counters, Metrics, total
 from edged.service.model_loading import load_model
 from edged.service.outbox import Outbox
 from edged.service.outcomes import Publish
+from edged.service.prometheus import MetricsServer, serve_metrics
 from edged.service.reload import plan_reload
 from edged.service.ticker import Ticker, apply_decision
 from edged.service.worker import Worker
@@ -56,7 +57,9 @@ class Daemon:
         config names is loaded, or none (a degraded node) when it is disabled or cannot load."""
         self._config = config
         self.topics = Topics(config.mqtt.topic_prefix, config.node_id)
+        loading = time.monotonic()
         self.backend = backend or load_model(config)
+        self._model_load_s = time.monotonic() - loading if self.backend is not None else None
         if self.backend is not None:
             self.backend.set_system_prompt(config.model.system_prompt)
         clinical = config.clinical
@@ -74,6 +77,8 @@ class Daemon:
         self._started_at = time.monotonic()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+        self.metrics_server: MetricsServer | None = None
+        """/metrics (metrics.listen), once started; None when off or the port was taken."""
         max_threads = self.backend.info.threads if self.backend else 1
         self.governor = GovernorService(config.governor, max_threads, time.monotonic())
         apply_decision(self.governor.decision, self.backend)
@@ -142,6 +147,8 @@ class Daemon:
         self._ticker.start()
         self.transport.start()
         c = self._config
+        if c.metrics.listen is not None:
+            self.metrics_server = serve_metrics(c.metrics.listen, self.metrics)
         log.info(
             "edged %s node %s serving %s on %s:%d (prefix %s)",
             __version__,
@@ -185,6 +192,8 @@ class Daemon:
         )
         done.wait(3.0)
         self.transport.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.close()  # before the store it counts closes
         self._store.close()
         self._stopped.set()
         log.info("edged stopped")
@@ -256,6 +265,8 @@ class Daemon:
             running=self._scheduler.running is not None,
             decode_tps=self._scheduler.decode_tps if counters.answered else None,
             uptime_s=time.monotonic() - self._started_at,
+            answered_stored=len(self._store),
+            model_load_s=self._model_load_s,
             counters=counters,
         )
 

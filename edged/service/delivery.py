@@ -225,7 +225,7 @@ class Delivery:
             error = ProtocolError(
                 ErrorCode.CANCELLED, "cancelled before generation started", id=c.query_id
             )
-            self._final(FinalReply(entry.job, encode(error.payload()), is_error=True))
+            self._final(FinalReply(entry.job, encode(error.payload()), error.code.value))
         self._outbox.ack(c.ack)
 
     def _final(self, reply: FinalReply) -> None:
@@ -237,8 +237,10 @@ class Delivery:
         if reply.store and not self._stored(job, work, reply.payload):
             acks = ()  # published, but never acknowledged without a stored copy
         self._counters.add("answered")
-        if reply.is_error:
-            self._counters.add("errors")
+        if reply.error_code is not None:
+            self._counters.add("errors", label=reply.error_code)
+        else:
+            self._counters.add("advice", label=reply.finish_reason or "unknown")
         self._outbox.send(
             Publish(
                 work.route.topic, reply.payload, correlation=work.route.correlation, ack_after=acks
@@ -265,7 +267,7 @@ class Delivery:
         self, topic: str, correlation: bytes | None, error: ProtocolError, acks: list[AckToken]
     ) -> None:
         """An error that is not the query's answer (`busy`): a retry of the same id is served."""
-        self._counters.add("errors")
+        self._counters.add("errors", label=error.code.value)
         log.info("query %s ends with %s (not stored)", error.id, error.code.value)
         self._outbox.send(
             Publish(topic, encode(error.payload()), correlation=correlation, ack_after=tuple(acks))
@@ -274,7 +276,8 @@ class Delivery:
     def _expire_queued(self) -> None:
         for job in self._scheduler.take_expired():
             log.info("query %s/%s ends with deadline_exceeded", job.wearer, job.query_id)
-            self._final(FinalReply(job, encode(deadline_error(job).payload()), is_error=True))
+            error = deadline_error(job)
+            self._final(FinalReply(job, encode(error.payload()), error.code.value))
 
     def _purge_now_and_then(self) -> None:
         if time.monotonic() - self._last_purge > _PURGE_EVERY_S:

@@ -54,7 +54,7 @@ class Dispatcher:
     def carry_out(self, outcome: Outcome) -> None:
         # Most frequent first: every vitals summary is a Count and an Ack.
         if isinstance(outcome, Count):
-            self._counters.add(outcome.counter, outcome.amount)
+            self._counters.add(outcome.counter, outcome.amount, outcome.label)
         elif isinstance(outcome, Ack):
             self._outbox.ack(outcome.token)
         elif isinstance(outcome, Publish):

@@ -38,12 +38,7 @@ class InboundContext:
 
 
 # Outcomes that carry no data are shared, not built per message (the vitals path is hot).
-_VITALS, _ALERTS, _QUERIES, _ERRORS = (
-    Count("vitals"),
-    Count("alerts"),
-    Count("queries"),
-    Count("errors"),
-)
+_VITALS, _QUERIES = Count("vitals"), Count("queries")
 
 
 def error_reply(
@@ -52,7 +47,8 @@ def error_reply(
     """An error reply, and the message it answers acknowledged once the broker has it."""
     log.info("error %s on %s (field %s)", error.code.value, topic, error.field)
     payload = encode(error.payload())
-    return [Publish(topic, payload, correlation=correlation, ack_after=(ack,)), _ERRORS]
+    count = Count("errors", label=error.code.value)
+    return [Publish(topic, payload, correlation=correlation, ack_after=(ack,)), count]
 
 
 def handle(
@@ -87,7 +83,8 @@ def handle_vitals(
     # Acknowledged only once the alert is safe at the broker: a crash in between means the
     # summary is redelivered and the alert raised again, never lost.
     alert = encode(alert_payload(wearer, vitals.ts, triage))
-    return [_VITALS, _ALERTS, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
+    raised = Count("alerts", label=triage.severity)
+    return [_VITALS, raised, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
 
 
 def handle_cancel(wearer: str, msg: InboundMessage, ctx: InboundContext) -> list[Outcome]:

@@ -9,7 +9,7 @@ systemd's STATUS line, the tests and the tools all read `Daemon.metrics()`, neve
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from edged.domain import GovernorState, NodeState
 
@@ -24,6 +24,8 @@ class CounterValues:
     """Valid queries (redeliveries included)."""
     answered: int = 0
     """Final replies published (advice or error) for accepted queries."""
+    advice: int = 0
+    """Final replies that are advice (`answered` less the errors)."""
     errors: int = 0
     """Error replies of any kind."""
     duplicates: int = 0
@@ -31,9 +33,23 @@ class CounterValues:
     alerts: int = 0
     paused_s: float = 0.0
     """Time inference rested between decode steps (the governor's duty cycle)."""
+    prompt_tokens: int = 0
+    """Prompt tokens the model computed (those the prefix cache held are not counted)."""
+    prompt_s: float = 0.0
+    """Time spent computing them (prefill)."""
+    predicted_tokens: int = 0
+    """Tokens generated."""
+    predicted_s: float = 0.0
+    """Time spent generating them (decode)."""
+    by_label: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Counts split by one label, for the counters in LABELS: {"errors": {"busy": 2}, ...}."""
 
 
-_FIELDS = tuple(f.name for f in fields(CounterValues))
+LABELS = {"errors": "code", "alerts": "severity", "advice": "finish_reason"}
+"""The counters split by a label, and the label's name. Never a wearer or query id: a label
+per wearer would grow without bound and put patients' ids into a monitoring system."""
+
+_FIELDS = tuple(f.name for f in fields(CounterValues) if f.name != "by_label")
 
 
 class Counters:
@@ -42,20 +58,33 @@ class Counters:
 
     def __init__(self) -> None:
         self._values: dict[str, float] = dict.fromkeys(_FIELDS, 0)
+        self._by_label: dict[str, dict[str, int]] = {name: {} for name in LABELS}
 
-    def add(self, name: str, amount: float = 1) -> None:
+    def add(self, name: str, amount: float = 1, label: str | None = None) -> None:
         self._values[name] += amount
+        if label is not None:
+            split = self._by_label[name]
+            split[label] = split.get(label, 0) + int(amount)
 
     def values(self) -> dict[str, float]:
         return dict(self._values)  # the keys never change, so copying is safe meanwhile
 
+    def labelled(self) -> dict[str, dict[str, int]]:
+        # dict() copies a dict in one step under the GIL, so a label added meanwhile by the
+        # owner is either in the copy or not, never half there.
+        return {name: dict(split) for name, split in self._by_label.items()}
+
 
 def total(*owners: Counters) -> CounterValues:
-    summed: dict[str, float] = dict.fromkeys(_FIELDS, 0)  # ints stay ints; paused_s is a float
+    summed: dict[str, float] = dict.fromkeys(_FIELDS, 0)  # ints stay ints; the _s are floats
+    by_label: dict[str, dict[str, int]] = {name: {} for name in LABELS}
     for owner in owners:
         for name, value in owner.values().items():
             summed[name] += value
-    return CounterValues(**summed)  # type: ignore[arg-type]
+        for name, split in owner.labelled().items():
+            for label, count in split.items():
+                by_label[name][label] = by_label[name].get(label, 0) + count
+    return CounterValues(**summed, by_label=by_label)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -78,6 +107,10 @@ class Metrics:
     decode_tps: float | None
     """The scheduler's running estimate; None until a query was answered."""
     uptime_s: float
+    answered_stored: int
+    """Replies kept in the answered store for redeliveries (delivery.answered_ttl_s)."""
+    model_load_s: float | None
+    """How long loading the model took at start; None without a model."""
     counters: CounterValues
 
     def to_json(self) -> dict[str, object]:

@@ -56,6 +56,8 @@ class Count:
 
     counter: str
     amount: float = 1
+    label: str | None = None
+    """For a counter split by a label (metrics.LABELS): the error code, the alert's severity."""
 
 
 Outcome = Publish | Ack | Accept | CancelQuery | Count
@@ -79,8 +81,15 @@ class FinalReply:
 
     job: Job
     payload: bytes
-    is_error: bool
+    error_code: str | None = None
+    """The error's code (API.md, Errors) when the reply is an error; None for advice."""
     store: bool = True
+    finish_reason: str | None = None
+    """Advice only: why generation ended (API.md, Advice)."""
+
+    @property
+    def is_error(self) -> bool:
+        return self.error_code is not None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ RESTART_KEYS = (
     "delivery.",
     "service.",
     "status.",
+    "metrics.",
 )
 
 

@@ -119,7 +119,8 @@ def advice_reply(
 
 def error_reply(job: Job, error: ProtocolError, store: bool = True) -> FinalReply:
     log.info("query %s/%s ends with %s", job.wearer, job.query_id, error.code.value)
-    return FinalReply(job, encode(error.with_id(job.query_id).payload()), True, store)
+    payload = encode(error.with_id(job.query_id).payload())
+    return FinalReply(job, payload, error_code=error.code.value, store=store)
 
 
 class Worker:
@@ -230,7 +231,16 @@ class Worker:
         except ContextFullError as exc:
             return self._context_full(job, exc, config)
         self._timing = result.timing
+        self._count_work(result)
         return self._result_reply(job, config, triage, result, started)
+
+    def _count_work(self, result: GenerationResult) -> None:
+        """What the model computed, for the metrics (llama.cpp's server counts the same)."""
+        timing, counts = result.timing, self._counters
+        counts.add("prompt_tokens", result.prompt_tokens - result.cached_tokens)
+        counts.add("prompt_s", timing.prefill_ms / 1000)
+        counts.add("predicted_tokens", result.completion_tokens)
+        counts.add("predicted_s", max(timing.total_ms - timing.prefill_ms, 0.0) / 1000)
 
     def _result_reply(
         self,
@@ -287,7 +297,7 @@ class Worker:
             governor=self._decision().state,
         )
         payload = advice_reply(job, advice, finish_reason, result, ctx, started, time.monotonic())
-        return FinalReply(job, payload, is_error=False)
+        return FinalReply(job, payload, finish_reason=finish_reason)
 
     # -- one generation --------------------------------------------------------------------
 
