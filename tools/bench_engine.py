@@ -606,6 +606,47 @@ def _log_row(row: dict[str, Any]) -> None:
         log(f"  note: {row['note']}")
 
 
+# Fields of a row that are one figure per round: the row gives their median.
+_PER_ROUND = (
+    "prefill_tps",
+    "decode_tps",
+    "ttft_ms",
+    "ttft_cached_ms",
+    "ttft_chat_ms",
+    "load_s",
+    "rss_after_load_mb",
+)
+
+
+def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the same measurement in every round (each in a fresh process): the
+    median of each figure, the highest peak RSS and CPU use of others, every run's value in
+    `spread`. A VM's speed drifts by 20 % over minutes here; engines measured in turn, round
+    after round, meet the same drift, where engines measured one after the other do not."""
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return rows[0]
+    out = dict(ok[0])
+    for key in _PER_ROUND:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            out[key] = round(statistics.median(values), 2)
+    for key in ("peak_rss_mb", "others_cpu_pct"):
+        if all(key in r for r in ok):
+            out[key] = max(r[key] for r in ok)
+    out["disturbed"] = any(r.get("disturbed") for r in ok)
+    spread: dict[str, list[float]] = {}
+    for r in ok:
+        for key, values in r.get("spread", {}).items():
+            spread.setdefault(key, []).extend(values)
+    if spread:
+        out["spread"] = spread
+    out["rounds"] = len(ok)
+    if len(ok) < len(rows):
+        out["failed_rounds"] = len(rows) - len(ok)
+    return out
+
+
 def kv_bytes_per_token(shape: dict[str, int], engine: str) -> int:
     """K and V of every layer for one position: float32 in the onnxruntime graphs, f16 in
     llama.cpp's cache."""
@@ -679,6 +720,7 @@ def model_info(
         "system_prompt_tokens": SYSTEM_TOKENS,
         "chat_prompt_tokens": {"cached": len(chat["system_ids"]), "total": len(chat["ids"])},
         "new_tokens": NEW_TOKENS,
+        "rounds": args.rounds,
         "repeats": args.repeats,
         "model_mb": {g: round(model_bytes(p) / 2**20, 1) for g, p in paths.items()},
         "paths": {g: str(p) for g, p in paths.items()},
@@ -720,9 +762,10 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         return max(rows, key=lambda r: r[key]) if rows else None
 
     edged_gqa, edged_opt = find("edged", "gqa"), find("edged", "optimum")
-    # edged against onnxruntime-genai on one graph file: the builder's where it could be made,
-    # else edged's all-int4 stream graph (decode only: genai runs that one token at a time).
-    genai_graph = "gqa" if find("ort-genai", "gqa") else "stream-int4"
+    # edged against onnxruntime-genai on one graph file both ran: the builder's if edged ran
+    # it, else edged's all-int4 stream graph (decode only: genai runs that one token at a time).
+    both = [g for g in ("gqa", "stream-int4") if find("edged", g) and find("ort-genai", g)]
+    genai_graph = both[0] if both else "gqa"
     edged_same, genai = find("edged", genai_graph), find("ort-genai", genai_graph)
     edged_best = best("edged", SHARED_KV_GRAPHS, "decode_tps")
     llama_best = best("llama.cpp", LLAMA_TYPES, "decode_tps")
@@ -843,7 +886,13 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpar
     add("--threads", default="1,2", help="comma-separated thread counts (1,2)")
     add("--engines", default=None, help=f"comma-separated, of {', '.join(ENGINES)} (per shape)")
     add("--graphs", default=None, help=f"graphs edged runs on, of {', '.join(GRAPHS)} (per shape)")
-    add("--repeats", type=int, default=None, help="runs per measurement (3; --quick: 1)")
+    add(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds: every row once per round, in turn, each in a fresh process (3; --quick: 1)",
+    )
+    add("--repeats", type=int, default=1, help="runs per row within its process, each round (1)")
     add("--context", type=int, default=1024, help="KV capacity in tokens of every engine (1024)")
     add("--idle-wait", type=float, default=300.0, help="seconds to wait for an idle machine (300)")
     add("--retries", type=int, default=2, help="re-runs of a disturbed measurement (2)")
@@ -862,8 +911,10 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpar
     if args.quick:
         args.shape = "quick"
     args.shape = args.shape or "qwen3-0.6b"
-    if args.repeats is None:
-        args.repeats = 1 if args.shape == "quick" else 3
+    if args.rounds is None:
+        args.rounds = 1 if args.shape == "quick" else 3
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error(f"--rounds = {args.rounds} and --repeats = {args.repeats} must be >= 1")
     return parser, args
 
 
@@ -904,12 +955,16 @@ def main(argv: list[str] | None = None) -> int:
     log("probing the memory bandwidth")
     probe = {"threads": max(threads), "thread_counts": threads, "mb": BANDWIDTH_MB}
     bandwidth = run_task("bandwidth", {**probe, "repeats": BANDWIDTH_REPEATS}, args.idle_wait)
-    results = []
-    for n in threads:
-        for engine, graph in plan:
-            spec = row_spec(engine, graph, n, paths[graph], args, chat)
-            spec["model_mb"] = model_bytes(paths[graph]) / 2**20
-            results.append(measure_row(spec, args))
+    measured: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            log(f"round {r + 1} of {args.rounds}")
+        for n in threads:
+            for engine, graph in plan[r % len(plan) :] + plan[: r % len(plan)]:
+                spec = row_spec(engine, graph, n, paths[graph], args, chat)
+                spec["model_mb"] = model_bytes(paths[graph]) / 2**20
+                measured.setdefault((n, engine, graph), []).append(measure_row(spec, args))
+    results = [merge_rounds(measured[(n, e, g)]) for n in threads for e, g in plan]
     _check_same_tokens(results)
     for row in results:
         add_roofline(row, SHAPES[args.shape], bandwidth.get("gb_per_s", {}))

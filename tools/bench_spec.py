@@ -33,6 +33,7 @@ edged, and nothing outside the standard library, at module level.
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,7 @@ def run_replay(spec: dict[str, Any]) -> dict[str, Any]:
 
 OPEN_ENDED_PROMPTS = 6
 OPEN_ENDED_TOKENS = 64
+OPEN_ENDED_WORST_PAIRS = 7
 
 
 def run_open_ended(spec: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +221,7 @@ def run_open_ended(spec: dict[str, Any]) -> dict[str, Any]:
     of random token ids and answers of a fixed length (EOS ignored): text with little to look
     up, where drafting can only cost. The issue asks that this is never slower (within 3 %)."""
     import random
+    from dataclasses import replace
 
     from edged.engine import Engine, EngineOptions, GenerationConfig
     from edged.engine.draft import DraftLength, DraftSettings
@@ -226,9 +229,13 @@ def run_open_ended(spec: dict[str, Any]) -> dict[str, Any]:
     engine = Engine.load(
         spec["model_dir"], EngineOptions(threads=spec["threads"], context_length=spec["context"])
     )
+    # Random weights give nearly flat logits, so the load-time batch check (relative to the
+    # largest logit) can exceed its limit where a trained model's does not, and the daemon
+    # would then decode plainly. This measures what drafting costs, so it drafts regardless;
+    # the check's value is reported beside the speedup.
+    batch_check = engine.speculation_checked
     if engine.options.speculation is None:
-        why = engine.speculation_checked
-        return {"graph": spec["model_dir"], "error": f"speculation is off: {why}"}
+        engine.options = replace(engine.options, speculation=DraftSettings())
     rng = random.Random(spec.get("seed", 7))
     ids: list[int] = spec["prompt"]
     new = spec.get("max_new_tokens", OPEN_ENDED_TOKENS)
@@ -254,18 +261,25 @@ def run_open_ended(spec: dict[str, Any]) -> dict[str, Any]:
         drafted = policy.allowance()
         policy.record(drafted, 0)
         worst.append((drafted, 0))
-    runner = engine._runner
+    runner, plain_passes = engine._runner, [(0, 0)] * new
     _timed_decode(runner, ids, worst)  # warm-up
-    worst_s = sum(_timed_decode(runner, ids, worst) for _ in range(3))
-    plain_s = sum(_timed_decode(runner, ids, [(0, 0)] * new) for _ in range(3))
+    # Pairs in alternating order, the median of their ratios: the machine drifts between runs.
+    pair_ratios = []
+    for i in range(OPEN_ENDED_WORST_PAIRS):
+        first, second = (worst, plain_passes) if i % 2 else (plain_passes, worst)
+        a, b = _timed_decode(runner, ids, first), _timed_decode(runner, ids, second)
+        plain_s, worst_s = (b, a) if i % 2 else (a, b)
+        pair_ratios.append(plain_s / worst_s)
     return {
         "graph": spec["model_dir"],
         "prompts": len(pairs),
+        "batch_check": batch_check,
         **_tally(pairs),
         "all_rejected": {
             "passes": new,
             "drafting_passes": sum(1 for d, _ in worst if d),
-            "speedup": plain_s / worst_s,
+            "speedup": statistics.median(pair_ratios),
+            "pair_speedups": [round(r, 3) for r in pair_ratios],
         },
     }
 
