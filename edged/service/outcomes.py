@@ -87,10 +87,6 @@ class FinalReply:
     finish_reason: str | None = None
     """Advice only: why generation ended (API.md, Advice)."""
 
-    @property
-    def is_error(self) -> bool:
-        return self.error_code is not None
-
 
 @dataclass(frozen=True)
 class Abandoned:
