@@ -33,6 +33,7 @@ from typing import Any
 
 from bench_llama import LLAMA_TYPES
 from bench_worker import BUSY_LIMIT_PCT, emit, medians, rss_mb, run_task
+from make_test_model import QWEN3_SHAPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path("~/.cache/edged/bench").expanduser()
@@ -44,33 +45,8 @@ PROMPT_SEED = 1234
 TOKEN_ID_RANGE = 1019
 """Prompt ids are drawn from the byte-level BPE part of the test tokenizer (no special tokens)."""
 
-_QWEN3 = {"num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
 SHAPES: dict[str, dict[str, int]] = {
-    # The public Qwen3 config.json files (Qwen/Qwen3-0.6B, -1.7B, -4B), with random weights.
-    "qwen3-0.6b": {
-        **_QWEN3,
-        "hidden_size": 1024,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "intermediate_size": 3072,
-        "max_position_embeddings": 40960,
-    },
-    "qwen3-1.7b": {
-        **_QWEN3,
-        "hidden_size": 2048,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "intermediate_size": 6144,
-        "max_position_embeddings": 40960,
-    },
-    "qwen3-4b": {
-        **_QWEN3,
-        "hidden_size": 2560,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "intermediate_size": 9728,
-        "max_position_embeddings": 40960,
-    },
+    **QWEN3_SHAPES,  # the public Qwen3 configs, with random weights
     # --quick: the same kind of model, small enough to build and run in CI-sized time.
     "quick": {
         "hidden_size": 512,

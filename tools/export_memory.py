@@ -31,34 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from make_test_model import QWEN3_SHAPES  # a sibling script: its directory is on sys.path
+
 CACHE_ROOT = Path.home() / ".cache" / "edged" / "export-memory"
-_QWEN3 = {"num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
 SHAPES: dict[str, dict[str, int]] = {
-    # The public Qwen3 configs (config.json on the hub), context trimmed: it changes no weight.
-    "qwen3-0.6b": {
-        **_QWEN3,
-        "hidden_size": 1024,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "intermediate_size": 3072,
-        "max_position_embeddings": 4096,
-    },
-    "qwen3-1.7b": {
-        **_QWEN3,
-        "hidden_size": 2048,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 16,
-        "intermediate_size": 6144,
-        "max_position_embeddings": 4096,
-    },
-    "qwen3-4b": {
-        **_QWEN3,
-        "hidden_size": 2560,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "intermediate_size": 9728,
-        "max_position_embeddings": 4096,
-    },
+    # The public Qwen3 configs, context trimmed: it changes no weight.
+    name: {**config, "max_position_embeddings": 4096}
+    for name, config in QWEN3_SHAPES.items()
 }
 PATHS = ("stream", "optimum", "ort-genai")
 TARGET_GB = {"qwen3-1.7b": 8.0, "qwen3-4b": 16.0}

@@ -32,6 +32,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "edged" / "models" / "tiny-qwen3-int4"
 SEED = 20240521
+_QWEN3 = {"num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
+QWEN3_SHAPES: dict[str, dict[str, int]] = {
+    # The public Qwen3 config.json files (Qwen/Qwen3-0.6B, -1.7B, -4B), for random-weight
+    # checkpoints of the real sizes (tools/bench_engine.py, tools/export_memory.py).
+    "qwen3-0.6b": {
+        **_QWEN3,
+        "hidden_size": 1024,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 40960,
+    },
+    "qwen3-1.7b": {
+        **_QWEN3,
+        "hidden_size": 2048,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "intermediate_size": 6144,
+        "max_position_embeddings": 40960,
+    },
+    "qwen3-4b": {
+        **_QWEN3,
+        "hidden_size": 2560,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "intermediate_size": 9728,
+        "max_position_embeddings": 40960,
+    },
+}
 BPE_VOCAB = 1019
 """Byte-level BPE size; with the five added tokens the tokenizer has exactly 1024 entries."""
 VOCAB_MULTIPLE = 64
