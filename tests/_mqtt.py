@@ -108,6 +108,7 @@ class TestClient:
         qos: int = 1,
         response_topic: str | None = None,
         correlation: bytes | None = None,
+        retain: bool = False,
     ) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
@@ -116,7 +117,7 @@ class TestClient:
             props.ResponseTopic = response_topic
         if correlation is not None:
             props.CorrelationData = correlation
-        info = self._client.publish(topic, payload, qos=qos, properties=props)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if qos:
             info.wait_for_publish(5)
 

@@ -24,12 +24,14 @@ STAGES: dict[str, int] = {
     "edged.mqtt.errors": 1,  # validate
     "edged.mqtt.topics": 1,
     "edged.mqtt.messages": 1,
+    "edged.mqtt.fhir": 1,
     "edged.mqtt.routing": 1,
     "edged.scheduler": 2,  # schedule
     "edged.engine": 3,  # infer
     "edged.clinical": 4,  # guard (and the vitals path's scoring)
     "edged.mqtt.payloads": 5,  # publish
     "edged.mqtt.streaming": 5,
+    "edged.mqtt.homeassistant": 5,
 }
 STAGE_NAMES = ("broker", "validate", "schedule", "infer", "guard", "publish")
 # Below every stage: shared vocabulary, configuration and the governor's policy and sensors.

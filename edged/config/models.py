@@ -411,6 +411,20 @@ class MetricsConfig(Section):
         return value
 
 
+class HomeAssistantConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="publish Home Assistant MQTT discovery configs (retained) for this node and "
+        "for every wearer whose vitals it sees. Off by default: wearer ids, alert severities and "
+        "alert messages then appear in Home Assistant's database and UI (docs/mqtt-api.md)",
+    )
+    discovery_prefix: str = Field(
+        "homeassistant",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_/-]{0,63}$",
+        description="Home Assistant's discovery prefix (its MQTT integration setting)",
+    )
+
+
 def split_listen(value: str) -> tuple[str, int]:
     """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"."""
     host, sep, port = value.rpartition(":")
@@ -439,6 +453,7 @@ class EdgedConfig(Section):
     clinical: ClinicalConfig = Field(default_factory=ClinicalConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="journal/console log level; query text is never logged at info"
     )

@@ -32,14 +32,15 @@ from edged.engine import InferenceBackend
 from edged.governor.policy import GovernorDecision
 from edged.governor.service import GovernorService
 from edged.mqtt.errors import ErrorCode, ProtocolError
-from edged.mqtt.payloads import encode, status_payload
+from edged.mqtt.payloads import encode
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import MqttTransport
 from edged.scheduler import Scheduler
 from edged.service.answer_store import AnswerStore
 from edged.service.delivery import Delivery
 from edged.service.dispatcher import Dispatcher
-from edged.service.metrics import Counters, Metrics, total
+from edged.service.homeassistant import announcer
+from edged.service.metrics import Counters, Metrics, status_bytes, total
 from edged.service.model_loading import load_model
 from edged.service.outbox import Outbox
 from edged.service.outcomes import Publish
@@ -88,7 +89,7 @@ class Daemon:
             self.topics.subscriptions(),
             will=(self.topics.status(), encode({"state": NodeState.OFFLINE.value})),
             on_message=lambda msg: self._dispatcher.on_message(msg),
-            on_ready=self.publish_status,
+            on_ready=self._on_ready,
         )
         self._wire(Path(config.delivery.state_dir))
 
@@ -102,6 +103,8 @@ class Daemon:
         self._delivery = Delivery(
             self._store, self._scheduler, self._outbox, delivery_counts, config, decision
         )
+        model = self.backend.info.name if self.backend else None
+        self._announcer = announcer(self._config, self.topics, model, self._outbox)
         self._dispatcher = Dispatcher(
             self.topics,
             config,
@@ -110,6 +113,7 @@ class Daemon:
             self._outbox,
             self._delivery,
             network_counts,
+            self._announcer,
         )
         self._worker = Worker(
             self.backend,
@@ -188,7 +192,7 @@ class Daemon:
         self._state = NodeState.OFFLINE
         done = threading.Event()
         self.transport.publish(
-            self.topics.status(), self._status_bytes(), retain=True, on_acked=done.set
+            self.topics.status(), status_bytes(self.metrics()), retain=True, on_acked=done.set
         )
         done.wait(3.0)
         self.transport.stop()
@@ -270,26 +274,14 @@ class Daemon:
             counters=counters,
         )
 
-    def _status_bytes(self) -> bytes:
-        m = self.metrics()
-        return encode(
-            status_payload(
-                state=m.state.value,
-                version=__version__,
-                model=m.model,
-                threads=m.threads,
-                governor=m.governor.value,
-                temp_c=m.temp_c,
-                mem_available_mb=None if m.mem_available_mb is None else int(m.mem_available_mb),
-                queue=m.queue,
-                decode_tps=m.decode_tps,
-                uptime_s=m.uptime_s,
-                ts=time.time(),
-            )
-        )
-
     def publish_status(self) -> None:
-        self._outbox.send(Publish(self.topics.status(), self._status_bytes(), retain=True))
+        self._outbox.send(Publish(self.topics.status(), status_bytes(self.metrics()), retain=True))
+
+    def _on_ready(self) -> None:
+        """Connected and subscribed, first or again: the retained messages, afresh."""
+        self.publish_status()
+        if self._announcer is not None:
+            self._announcer.announce()
 
     def _publish_status_if_ready(self) -> None:
         if self.transport.ready:

@@ -17,9 +17,10 @@ from edged.mqtt.topics import Topics
 from edged.mqtt.transport import InboundMessage
 from edged.service.delivery import Delivery
 from edged.service.handlers import InboundContext, handle
+from edged.service.homeassistant import DiscoveryAnnouncer
 from edged.service.metrics import Counters
 from edged.service.outbox import Outbox
-from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish
+from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish, WearerSeen
 
 
 class Dispatcher:
@@ -32,6 +33,7 @@ class Dispatcher:
         outbox: Outbox,
         delivery: Delivery,
         counters: Counters,
+        announcer: DiscoveryAnnouncer | None = None,
     ) -> None:
         self._topics = topics
         self._config = config
@@ -41,6 +43,7 @@ class Dispatcher:
         self._outbox = outbox
         self._delivery = delivery
         self._counters = counters
+        self._announcer = announcer
 
     def on_message(self, msg: InboundMessage) -> None:
         self._counters.add("received")
@@ -61,3 +64,5 @@ class Dispatcher:
             self._outbox.send(outcome)
         elif isinstance(outcome, (Accept, CancelQuery)):
             self._delivery.submit(outcome)
+        elif isinstance(outcome, WearerSeen) and self._announcer is not None:
+            self._announcer.wearer_seen(outcome.wearer)

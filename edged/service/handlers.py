@@ -21,7 +21,7 @@ from edged.mqtt.payloads import alert_payload, encode
 from edged.mqtt.routing import error_route, reply_route, unreadable_route
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import AckToken, InboundMessage
-from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish
+from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish, WearerSeen
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,15 @@ def handle_vitals(
         return error_reply(ctx.topics.error(wearer), err, msg.correlation_data, msg.ack)
     summary = ctx.vitals.add(wearer, vitals, now)
     triage = assess(summary, ctx.config.clinical.red_flags)
+    seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
     if not ctx.alerts.check(wearer, triage, now):
-        return [_VITALS, Ack(msg.ack)]
+        return [_VITALS, *seen, Ack(msg.ack)]
     log.info("alert for %s: severity %s", wearer, triage.severity)
     # Acknowledged only once the alert is safe at the broker: a crash in between means the
     # summary is redelivered and the alert raised again, never lost.
     alert = encode(alert_payload(wearer, vitals.ts, triage))
     raised = Count("alerts", label=triage.severity)
-    return [_VITALS, raised, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
+    return [_VITALS, raised, *seen, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
 
 
 def handle_cancel(wearer: str, msg: InboundMessage, ctx: InboundContext) -> list[Outcome]:

@@ -9,9 +9,12 @@ systemd's STATUS line, the tests and the tools all read `Daemon.metrics()`, neve
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, fields
 
+from edged import __version__
 from edged.domain import GovernorState, NodeState
+from edged.mqtt.payloads import encode, status_payload
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,22 @@ class Metrics:
             f"{self.state}, governor {self.governor}, {threads}, queue {self.queue}, {link}, "
             f"{self.counters.answered} answered"
         )
+
+
+def status_bytes(m: Metrics) -> bytes:
+    """The retained status payload (API.md, Node status) of a snapshot."""
+    return encode(
+        status_payload(
+            state=m.state.value,
+            version=__version__,
+            model=m.model,
+            threads=m.threads,
+            governor=m.governor.value,
+            temp_c=m.temp_c,
+            mem_available_mb=None if m.mem_available_mb is None else int(m.mem_available_mb),
+            queue=m.queue,
+            decode_tps=m.decode_tps,
+            uptime_s=m.uptime_s,
+            ts=time.time(),
+        )
+    )

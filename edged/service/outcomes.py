@@ -60,7 +60,14 @@ class Count:
     """For a counter split by a label (metrics.LABELS): the error code, the alert's severity."""
 
 
-Outcome = Publish | Ack | Accept | CancelQuery | Count
+@dataclass(frozen=True)
+class WearerSeen:
+    """A valid vitals summary came from this wearer (for Home Assistant discovery, when on)."""
+
+    wearer: str
+
+
+Outcome = Publish | Ack | Accept | CancelQuery | Count | WearerSeen
 
 
 # -- what the worker hands to the delivery owner -----------------------------------------------

@@ -25,6 +25,7 @@ RESTART_KEYS = (
     "service.",
     "status.",
     "metrics.",
+    "homeassistant.",
 )
 
 
