@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -291,9 +292,10 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     }
     try:
         verify_files(args.model_dir, manifest)
-        integrity = "ok: every file matches its sha256"
+        integrity, status = "ok: every file matches its sha256", EXIT_OK
     except Exception as exc:
-        integrity = f"FAILED: {exc}"
+        # Still print what can be read: the manifest says what the files should have been.
+        integrity, status = f"FAILED: {exc}", EXIT_FAIL
     engine = Engine.load(args.model_dir, EngineOptions(threads=1, verify_hashes=False))
     info = {
         "manifest": manifest.to_json(),
@@ -304,7 +306,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(info, indent=2))
-        return EXIT_OK
+        return status
     m = manifest
     q = m.quantization
     print(f"name:          {m.name}")
@@ -337,7 +339,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     for rel, size in sorted(sizes.items()):
         print(f"  {rel:<28} {size / 2**20:9.2f} MB  sha256 {m.files[rel][:16]}…")
     print(f"integrity:     {integrity}")
-    return EXIT_OK
+    return status
 
 
 def cmd_model_eval(args: argparse.Namespace) -> int:
@@ -377,12 +379,20 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edged.config import ConfigError
+    from edged.config.loader import state_dir_problem
     from edged.service.runner import run_daemon
 
     try:
-        config = _resolve(args).config
+        resolved = _resolve(args)
     except ConfigError as exc:
         print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    config = resolved.config
+    for warning in resolved.warnings:
+        print(f"edged: warning: {warning}", file=sys.stderr)
+    problem = state_dir_problem(config.delivery.state_dir, create=True)
+    if problem is not None:
+        print(f"edged: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.verbose == 0:
         logging.getLogger().setLevel(config.log_level.upper())
@@ -401,6 +411,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     config = resolved.config
+    for warning in resolved.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.config_command == "check":
         problems = check_config(config, str(args.file), resolved.key_lines)
         for line in problems:
@@ -449,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `edged model info | head`: the reader left. Python would print a traceback when it
+        # flushes stdout at exit; point stdout at /dev/null so it stays quiet (Python docs,
+        # "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -109,3 +109,40 @@ def test_config_show_masks_the_password(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "hunter2" not in out.stdout and "password: '********'" in out.stdout
     assert "stall_timeout_s: 120.0" in out.stdout  # defaults are filled in
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"], ids=["is-a-file", "under-a-file"])
+def test_a_state_dir_that_cannot_be_used_is_one_line_from_check_and_from_run(
+    tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory\n")
+    path = tmp_path / "edged.yaml"
+    model = REPO / "edged/models/tiny-qwen3-int4"
+    path.write_text(f"model: {{path: {model}}}\ndelivery:\n  state_dir: {tmp_path / where}\n")
+    out = _check(path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"{path}:3: delivery.state_dir = '{tmp_path / where}'"), line
+    # `edged run` stops before loading the model, with the same line and no traceback.
+    run = subprocess.run(
+        [sys.executable, "-m", "edged", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"edged: delivery.state_dir = '{tmp_path / where}'"
+    ), run.stderr
+
+
+def test_a_state_dir_that_does_not_exist_yet_passes_check_without_being_created(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "edged.yaml"
+    model = REPO / "edged/models/tiny-qwen3-int4"
+    path.write_text(f"model: {{path: {model}}}\ndelivery: {{state_dir: {tmp_path}/new/state}}\n")
+    out = _check(path)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "new").exists()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -75,9 +76,9 @@ def test_layers_override_in_order_and_remember_origins(tmp_path: Path) -> None:
 
 
 def test_profile_is_detected_when_the_node_names_none(tmp_path: Path) -> None:
+    # A host name without a nodes: entry is a new board: the defaults and its detected profile.
     resolved = resolve(
         FLEET,
-        node_id="unknown-node",
         environ={},
         board_root=_board(tmp_path, "Raspberry Pi 4 Model B Rev 1.4"),
     )
@@ -153,7 +154,7 @@ def test_show_resolved_prints_origins_and_masks_secrets(tmp_path: Path) -> None:
 
 
 def test_fleet_example_passes_the_schema() -> None:
-    for node in ("ward3-pi", "clinic-jetson-01", "someone-else"):
+    for node in ("ward3-pi", "clinic-jetson-01", None):
         resolve(FLEET, node_id=node, environ={"BROKER_PASSWORD": "pw"})
 
 
@@ -193,3 +194,90 @@ def test_sighup_keeps_the_old_config_when_broken_and_applies_live_keys_when_vali
     finally:
         proc.stop()
         gateway.close()
+
+
+@pytest.mark.parametrize(
+    ("how", "origin"),
+    [
+        ({"node_id": "ward3-pi"}, "flag"),
+        ({"flags": ["node_id=ward3-pi"]}, "flag"),
+        ({"environ": {"EDGED_NODE_ID": "ward3-pi"}}, "env"),
+    ],
+)
+def test_naming_the_node_any_way_picks_its_entry_and_publishes_under_that_name(
+    how: dict[str, Any], origin: str
+) -> None:
+    environ = {"BROKER_PASSWORD": "pw", **how.get("environ", {})}
+    resolved = resolve(FLEET, node_id=how.get("node_id"), flags=how.get("flags"), environ=environ)
+    assert resolved.config.node_id == "ward3-pi" and resolved.origins["node_id"] == origin
+    assert resolved.profile == "pi5"  # from the ward3-pi entry
+    assert resolved.config.mqtt.password == "pw" and resolved.origins["mqtt.password"] == "node"
+
+
+@pytest.mark.parametrize(
+    ("how", "named"),
+    [
+        ({"node_id": "ward3-pl"}, "the command line"),
+        ({"flags": ["node_id=ward3-pl"]}, "the command line"),
+        ({"environ": {"EDGED_NODE_ID": "ward3-pl"}}, "EDGED_NODE_ID"),
+    ],
+)
+def test_a_node_id_without_a_fleet_entry_is_an_error(how: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve(
+            FLEET,
+            node_id=how.get("node_id"),
+            flags=how.get("flags"),
+            environ=how.get("environ", {}),
+        )
+    assert str(exc.value).endswith(
+        f"node id 'ward3-pl' (from {named}) has no entry in nodes: (clinic-jetson-01, ward3-pi)"
+    )
+
+
+def test_node_id_flag_and_set_must_agree() -> None:
+    with pytest.raises(ConfigError, match="--node-id ward3-pi and --set node_id=x disagree"):
+        resolve(FLEET, node_id="ward3-pi", flags=["node_id=x"], environ={})
+
+
+def test_bad_values_from_the_environment_or_flags_name_their_origin(tmp_path: Path) -> None:
+    path = tmp_path / "edged.yaml"
+    path.write_text("mqtt:\n  port: 1883\nmodel: {path: m}\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve(path, environ={"EDGED_MQTT__PORT": "eighty"})
+    assert str(exc.value).startswith("environment EDGED_MQTT__PORT: mqtt.port = 'eighty'")
+    with pytest.raises(ConfigError) as exc:
+        resolve(path, environ={}, flags=["mqtt.port=70000"])
+    assert str(exc.value).startswith("--set mqtt.port: mqtt.port = 70000")
+    with pytest.raises(ConfigError) as exc:  # from the file: still its line
+        path.write_text("mqtt:\n  port: eighty\nmodel: {path: m}\n")
+        resolve(path, environ={})
+    assert str(exc.value).startswith(f"{path}:2: mqtt.port = 'eighty'")
+
+
+def test_environment_variables_that_look_like_config_but_are_not_read_are_warned_about(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "edged.yaml"
+    path.write_text("model: {path: m}\n")
+    resolved = resolve(
+        path,
+        environ={
+            "EDGED_MQTT_PORT": "8883",  # one underscore: not read
+            "EDGED_GENAI_VENV": "/opt/genai",  # a tool's
+            "EDGED_LOG_LEVEL": "debug",  # top-level config
+            "EDGED_MQTT__HOST": "b",  # config
+        },
+    )
+    assert resolved.config.mqtt.port == 1883
+    (warning,) = resolved.warnings
+    assert "EDGED_MQTT_PORT is not read" in warning and "EDGED_MQTT__PORT" in warning
+
+
+def test_duplicate_keys_in_the_yaml_are_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "edged.yaml"
+    path.write_text("mqtt:\n  port: 1883\nmodel: {path: m}\nmqtt:\n  host: b\n")
+    with pytest.raises(
+        ConfigError, match=r"edged.yaml:4: not valid YAML: duplicate key 'mqtt' \(first on line 1\)"
+    ):
+        resolve(path, environ={})

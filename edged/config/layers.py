@@ -38,6 +38,9 @@ class Resolved:
     profile: str
     key_lines: dict[tuple[str, ...], int] = field(default_factory=dict)
     """Line of each key in the config file, by its path (for messages)."""
+    warnings: tuple[str, ...] = ()
+    """Problems that do not stop the daemon (an EDGED_ variable that looks like config but is
+    not read); the CLI prints them and `edged run` logs them."""
 
 
 def detect_board(root: Path = Path("/")) -> BoardProfile:
@@ -89,6 +92,28 @@ _ENV_TOP_LEVEL = frozenset(
         if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
     }
 )
+
+
+_SECTIONS = tuple(name for name in EdgedConfig.model_fields if name not in _ENV_TOP_LEVEL)
+
+
+def env_warnings(environ: Mapping[str, str]) -> list[str]:
+    """EDGED_ variables that look like config but are not read: EDGED_MQTT_PORT (one
+    underscore) is ignored like a tool's variable, which would silently keep the file's port."""
+    found = []
+    for name in sorted(environ):
+        rest = name[len("EDGED_") :].lower() if name.startswith("EDGED_") else ""
+        if "__" in rest or rest in _ENV_TOP_LEVEL:
+            continue
+        section = next((sec for sec in _SECTIONS if rest.startswith(sec + "_")), None)
+        if section is not None:
+            key = rest[len(section) + 1 :]
+            found.append(
+                f"environment: {name} is not read: a key inside a section needs two "
+                f"underscores after the section; did you mean EDGED_{section.upper()}__"
+                f"{key.upper()}?"
+            )
+    return found
 
 
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -157,30 +182,121 @@ def resolve(
     data, lines = read_yaml(config_file)
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    source = str(config_file)
+    node_layer = read_yaml(node_file)[0] if node_file is not None else {}
+    env_layer, flag_layer = _env_layer(env), _flag_layer(flags or [])
+    chosen_id = _node_id(node_id, flag_layer, env_layer, node_layer, data)
     upper: list[tuple[str, dict[str, Any]]] = []
     profiles: dict[str, Any] = {}
-    source = str(config_file)
     if any(k in data for k in FLEET_KEYS):
-        unknown = sorted(set(data) - set(FLEET_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"{source}: a fleet file has only defaults, profiles and nodes; "
-                f"unknown top-level key(s) {', '.join(unknown)}"
-            )
+        _check_fleet_keys(data, source)
         _merge(merged, data.get("defaults") or {}, "fleet", origins)
         profiles = data.get("profiles") or {}
-        nodes = data.get("nodes") or {}
-        host = node_id or env.get("EDGED_NODE_ID") or merged.get("node_id") or _hostname()
-        if host in nodes:
-            upper.append(("node", nodes[host] or {}))
+        upper.append(("node", _node_entry(data.get("nodes") or {}, chosen_id, source)))
     else:
         upper.append(("file", data))
     if node_file is not None:
-        upper.append((f"node-file {node_file}", read_yaml(node_file)[0]))
-    upper.append(("env", _env_layer(env)))
-    upper.append(("flag", _flag_layer(flags or [])))
+        upper.append((f"node-file {node_file}", node_layer))
+    upper.append(("env", env_layer))
+    upper.append(("flag", flag_layer))
+    if chosen_id.explicit:
+        # One rule: whichever way the node was named, that name is both the fleet entry used
+        # and the node_id the daemon publishes as.
+        upper.append((chosen_id.origin, {"node_id": chosen_id.value}))
 
-    # The profile is chosen by the highest layer that names one, else detected.
+    profile = _profile(merged, upper, profiles, board_root, source)
+    if profile in profiles:
+        _merge(merged, profiles[profile] or {}, f"profile {profile}", origins)
+    for origin, layer in upper:
+        _merge(merged, layer, origin, origins)
+    merged.pop("profile", None)
+    origins.pop("profile", None)
+    merged = _substitute(merged, env, source)
+    config = parse_config(
+        merged, source, base_dir=config_file.resolve().parent, key_lines=lines, origins=origins
+    )
+    return Resolved(config, origins, profile, lines, tuple(env_warnings(env)))
+
+
+@dataclass(frozen=True)
+class _NodeId:
+    value: str
+    origin: str
+    explicit: bool
+    """Named by the user (flag, --set, environment, a file), not the host name."""
+
+
+def _node_id(
+    flag_id: str | None,
+    flag_layer: Mapping[str, Any],
+    env_layer: Mapping[str, Any],
+    node_layer: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> _NodeId:
+    """The node's id, from the highest layer that names it: --node-id and --set node_id (which
+    must agree), EDGED_NODE_ID, the node-local file, the fleet's defaults or a single-node
+    file; else the host name."""
+    set_id = flag_layer.get("node_id")
+    if flag_id is not None and set_id is not None and str(set_id) != flag_id:
+        raise ConfigError(f"--node-id {flag_id} and --set node_id={set_id} disagree; give one")
+    file_id = (data.get("defaults") or {}) if any(k in data for k in FLEET_KEYS) else data
+    for value, origin in (
+        (flag_id, "flag"),
+        (set_id, "flag"),
+        (env_layer.get("node_id"), "env"),
+        (node_layer.get("node_id"), "node-file"),
+        (file_id.get("node_id") if isinstance(file_id, Mapping) else None, "file"),
+    ):
+        if value is not None:
+            return _NodeId(str(value), origin, True)
+    return _NodeId(_hostname(), "default", False)
+
+
+def _node_entry(nodes: Mapping[str, Any], node: _NodeId, source: str) -> dict[str, Any]:
+    """The fleet's entry for this node. A node named on purpose must have one: a typo in
+    --node-id would otherwise start a node on the defaults alone, under a name no one expects.
+    A host name without an entry is a new board, on the defaults."""
+    if node.value in nodes:
+        entry = dict(nodes[node.value] or {})
+        if "node_id" in entry and str(entry["node_id"]) != node.value:
+            raise ConfigError(
+                f"{source}: nodes.{node.value}.node_id = {entry['node_id']!r}: an entry is named "
+                "by its key; leave node_id out of it"
+            )
+        return entry
+    if node.explicit and nodes:
+        raise ConfigError(
+            f"{source}: node id {node.value!r} (from {_ORIGIN_NAMES[node.origin]}) has no entry "
+            f"in nodes: ({', '.join(sorted(nodes))})"
+        )
+    return {}
+
+
+_ORIGIN_NAMES = {
+    "flag": "the command line",
+    "env": "EDGED_NODE_ID",
+    "node-file": "the node-local file",
+    "file": "the config file",
+}
+
+
+def _check_fleet_keys(data: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(set(data) - set(FLEET_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: a fleet file has only defaults, profiles and nodes; "
+            f"unknown top-level key(s) {', '.join(unknown)}"
+        )
+
+
+def _profile(
+    merged: Mapping[str, Any],
+    upper: list[tuple[str, dict[str, Any]]],
+    profiles: Mapping[str, Any],
+    board_root: Path,
+    source: str,
+) -> str:
+    """The profile named by the highest layer that names one, else detected from the board."""
     chosen = "auto"
     for _, layer in [("fleet", merged), *upper]:
         if isinstance(layer.get("profile"), str):
@@ -191,15 +307,7 @@ def resolve(
             f"{source}: profile {profile!r} is not one of the fleet file's "
             f"profiles ({', '.join(profiles)})"
         )
-    if profile in profiles:
-        _merge(merged, profiles[profile] or {}, f"profile {profile}", origins)
-    for origin, layer in upper:
-        _merge(merged, layer, origin, origins)
-    merged.pop("profile", None)
-    origins.pop("profile", None)
-    merged = _substitute(merged, env, source)
-    config = parse_config(merged, source, base_dir=config_file.resolve().parent, key_lines=lines)
-    return Resolved(config, origins, profile, lines)
+    return profile
 
 
 def _hostname() -> str:

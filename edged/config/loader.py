@@ -5,6 +5,7 @@ did-you-mean for a misspelt key."""
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,36 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{path} = {shown}: {error['msg']}"
 
 
-def _where(source: str, lines: dict[tuple[str, ...], int], loc: tuple[Any, ...]) -> str:
+def _where(
+    source: str,
+    lines: dict[tuple[str, ...], int],
+    loc: tuple[Any, ...],
+    origins: dict[str, str] | None = None,
+) -> str:
+    """Where the value at `loc` came from: the file and line, or the environment variable or
+    --set flag that set it (a bad EDGED_MQTT__PORT must not be blamed on a line of the YAML)."""
     path = tuple(str(p) for p in loc)
+    origin = _origin(path, origins or {})
+    if origin == "env":
+        return "environment EDGED_" + "__".join(path).upper()
+    if origin == "flag":
+        return "--set " + ".".join(path)
+    if origin is not None and origin.startswith("node-file "):
+        return origin.removeprefix("node-file ")
     while path and path not in lines:
         path = path[:-1]
     return f"{source}:{lines[path]}" if path else source
+
+
+def _origin(path: tuple[str, ...], origins: dict[str, str]) -> str | None:
+    """The layer that set the key at `path` or, for a whole section, the key under it."""
+    for depth in range(len(path), 0, -1):
+        found = origins.get(".".join(path[:depth]))
+        if found is not None:
+            return found
+    prefix = ".".join(path) + "."
+    under = {o for key, o in origins.items() if key.startswith(prefix)}
+    return under.pop() if len(under) == 1 else None
 
 
 def parse_config(
@@ -86,7 +112,10 @@ def parse_config(
     source: str = "<config>",
     base_dir: Path | None = None,
     key_lines: dict[tuple[str, ...], int] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> EdgedConfig:
+    """`origins` (dotted key -> layer, from `edged.config.layers`) lets an error name the
+    environment variable or flag that set a bad value instead of a line of the file."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -96,7 +125,7 @@ def parse_config(
     except ValidationError as exc:
         where = key_lines or {}
         lines = [
-            f"{_where(source, where, e['loc'])}: {_describe(e)}"  # type: ignore[arg-type]
+            f"{_where(source, where, e['loc'], origins)}: {_describe(e)}"  # type: ignore[arg-type]
             for e in exc.errors()
         ]
         raise ConfigError("\n".join(lines)) from None
@@ -122,6 +151,26 @@ def _resolve_paths(config: EdgedConfig, base_dir: Path) -> EdgedConfig:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; in a config that hides the
+    first value an operator wrote (two `mqtt:` sections: one of them is ignored)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen[key]})",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """A YAML file's top-level mapping and the line of every key, or one-line ConfigErrors."""
     try:
@@ -129,7 +178,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(yaml_error(path, exc)) from None
     if data is None:
@@ -170,6 +219,9 @@ def check_config(
             f"{where('model.path')}: model.path = '{model_dir}': no edged model directory there "
             "(expected edged-model.json; see `edged model export`)"
         )
+    state_problem = state_dir_problem(config.delivery.state_dir)
+    if state_problem is not None:
+        problems.append(f"{where('delivery.state_dir')}: {state_problem}")
     tls = config.mqtt.tls
     files = (
         [
@@ -189,3 +241,28 @@ def check_config(
         except OSError as exc:
             problems.append(f"{where(key)}: {key} = '{file}': cannot be read ({exc.strerror})")
     return problems
+
+
+def state_dir_problem(state_dir: Path, create: bool = False) -> str | None:
+    """Why the daemon could not keep its answered store in `state_dir`, or None: a file in the
+    way, no permission (a non-root user and /var/lib/edged), a read-only mount. Without
+    `create` nothing is changed (`config check`): a missing directory is judged by the nearest
+    parent that exists, which must let the daemon create it."""
+    shown = f"delivery.state_dir = '{state_dir}'"
+    if state_dir.exists() and not state_dir.is_dir():
+        return f"{shown}: exists and is not a directory"
+    if create:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"{shown}: cannot be created ({exc.strerror})"
+    target = state_dir
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        return f"{shown}: {target} is not a directory"
+    # os.access answers for this process's user, and says no on a read-only mount (EROFS).
+    if not os.access(target, os.W_OK | os.X_OK):
+        verb = "written" if target == state_dir else f"created (no write access to {target})"
+        return f"{shown}: cannot be {verb} by this user; the answered store lives there"
+    return None
