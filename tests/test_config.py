@@ -146,3 +146,37 @@ def test_a_state_dir_that_does_not_exist_yet_passes_check_without_being_created(
     out = _check(path)
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "new").exists()
+
+
+def _readme_console(after: str) -> list[str]:
+    """The first ```console block after the line starting with `after` in the README."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```console", text.index(after))
+    return text[start:].split("```")[1].splitlines()[1:]
+
+
+def test_the_readme_config_examples_print_what_they_say(tmp_path: Path) -> None:
+    """Each `$ command` of the README's config block, run as written (from a directory with the
+    repository's config/ and an edged model at m/), prints the lines shown under it."""
+    lines = _readme_console("`config/edged.yaml` lists every key")
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "m").symlink_to(REPO / "edged/models/tiny-qwen3-int4")
+    (tmp_path / "edged").symlink_to(REPO / "edged")
+    blocks: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line.startswith("$ "):
+            blocks.append((line[2:].split("  #")[0], []))
+        elif line != "…":
+            blocks[-1][1].append(line)
+    assert len(blocks) == 4
+    for command, shown in blocks:
+        out = subprocess.run(
+            ["bash", "-c", f"PATH={Path(sys.executable).parent}:$PATH; {command}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        printed = (out.stdout + out.stderr).splitlines()
+        for expected in shown:
+            assert expected in printed, f"{command!r} did not print {expected!r}: {printed}"
