@@ -134,8 +134,8 @@ def _answers_over(port: int, state: Path, gateway_port: int, qid: str, tls: dict
         gateway.close()
 
 
-def _never_connects(port: int, state: Path, tls: dict[str, str]) -> None:
-    daemon = _start(port, state, tls=tls)
+def _never_connects(port: int, state: Path, tls: dict[str, str] | None, **mqtt: Any) -> None:
+    daemon = _start(port, state, tls=tls, **mqtt)
     try:
         assert not daemon.transport.wait_connected(3)
     finally:
@@ -160,7 +160,7 @@ def test_mutual_tls_needs_the_client_certificate(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="edged.mqtt.transport")
     _never_connects(tls_broker.mtls_port, tmp_path / "s1", {"ca_file": str(pki.ca)})
-    assert "TLS client certificate rejected?" in caplog.text
+    assert "does the broker require a TLS client certificate, mqtt.tls.cert_file?" in caplog.text
     tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert)}
     tls["key_file"] = str(pki.client_key)
     _answers_over(tls_broker.mtls_port, tmp_path / "s2", tls_broker.broker.port, "mtls", tls)
@@ -175,6 +175,39 @@ def test_a_broker_certificate_from_an_untrusted_ca_is_refused_and_logged(
     assert errors and "TLS certificate check failed" in errors[0]
     assert "self-signed certificate in certificate chain" in errors[0]
     assert f"mqtt.tls.ca_file = {pki.other_ca}" in errors[0]
+
+
+def test_a_port_that_is_not_an_mqtt_broker_is_reported_as_such(
+    tls_broker: TlsBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three common mistakes, three different lines; none of them blames a client certificate
+    that was never configured."""
+    caplog.set_level(logging.WARNING, logger="edged.mqtt.transport")
+    http = socket.create_server(("127.0.0.1", 0))  # a web server: answers, then hangs up
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts and says nothing
+
+    def answer_http() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = http.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        for port, expected in (
+            (http.getsockname()[1], "closed the connection before CONNACK (a TLS port without"),
+            (tls_broker.tls_port, "closed the connection before CONNACK (a TLS port without"),
+            (silent.getsockname()[1], "no CONNACK within 1 s (not an MQTT port?)"),
+        ):
+            caplog.clear()
+            _never_connects(port, tmp_path / f"s{port}", None, connect_timeout_s=1)
+            assert expected in caplog.text, caplog.text
+            assert "client certificate" not in caplog.text
+    finally:
+        http.close()
+        silent.close()
 
 
 # -- MQTT 3.1.1 --------------------------------------------------------------------------------

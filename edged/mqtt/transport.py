@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edged.config.models import MqttConfig
+from edged.config.models import MqttConfig, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,41 @@ def read_password(cfg: MqttConfig, environ: Mapping[str, str] | None = None) -> 
     if creds and (Path(creds) / CREDENTIAL_NAME).is_file():
         return (Path(creds) / CREDENTIAL_NAME).read_text().rstrip("\r\n")
     return None
+
+
+def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """User name, password and TLS from the config: the daemon's client and `edged doctor`'s
+    probe must present the broker the very same credentials. Raises OSError when the password
+    file or a certificate cannot be read."""
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, read_password(cfg))
+    if cfg.tls is not None:
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+            certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+            keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+
+
+def no_connack_reason(rc: int, timeout_s: float, tls: TlsConfig | None) -> str:
+    """Why a connection that opened got no CONNACK, from what paho's loop returned: a server
+    that says nothing, one that hangs up, and one that answers in another protocol (an HTTP or
+    SSH port given as the broker's) are different mistakes, and each has its own fix."""
+    mutual = tls is not None and tls.cert_file is not None
+    if rc == mqtt.MQTT_ERR_SUCCESS:
+        hint = " or the broker ignored the TLS client certificate" if mutual else ""
+        return f"no CONNACK within {timeout_s:g} s (not an MQTT port{hint}?)"
+    if rc == mqtt.MQTT_ERR_PROTOCOL:
+        return "the server answered with something that is not MQTT (is this the broker's port?)"
+    closed = "the server closed the connection before CONNACK"
+    if mutual:
+        return f"{closed} (TLS client certificate rejected?)"
+    if tls is not None:
+        return f"{closed} (does the broker require a TLS client certificate, mqtt.tls.cert_file?)"
+    return f"{closed} (a TLS port without mqtt.tls? or not an MQTT server)"
 
 
 class MqttTransport:
@@ -221,17 +256,7 @@ class MqttTransport:
         )
         client.connect_timeout = cfg.connect_timeout_s
         client.max_queued_messages_set(cfg.max_outbox)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, read_password(cfg))
-        if cfg.tls is not None:
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            client.tls_insecure_set(cfg.tls.insecure)
+        apply_credentials(client, cfg)
         will_topic, will_payload = self._will
         client.will_set(will_topic, will_payload, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -318,20 +343,17 @@ class MqttTransport:
             # Without it, Nagle + delayed ACK cost ~40-90 ms per QoS 1 round trip on loopback.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = time.monotonic() + cfg.connect_timeout_s
+        rc = mqtt.MQTT_ERR_SUCCESS
         while self._connack is None and time.monotonic() < deadline:
             if self._stopping.is_set():
                 return False
-            if self._client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+            rc = self._client.loop(timeout=0.1)
+            if rc != mqtt.MQTT_ERR_SUCCESS:
                 break
         connack = self._connack
         if connack is None:
-            log.warning(
-                "broker %s:%d did not accept the connection within %.1f s "
-                "(TLS client certificate rejected?)",
-                cfg.host,
-                cfg.port,
-                cfg.connect_timeout_s,
-            )
+            why = no_connack_reason(rc, cfg.connect_timeout_s, cfg.tls)
+            log.warning("broker %s:%d did not accept the connection: %s", cfg.host, cfg.port, why)
             self._client.disconnect()
             return False
         if _is_failure(connack):
