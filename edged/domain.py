@@ -153,6 +153,13 @@ class RedFlagName(StrEnum):
     RESTING_HR_RISING = "resting_hr_rising"
 
 
+class TurnRole(StrEnum):
+    """Who spoke an earlier turn of a conversation (API.md v1.1 `history`)."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
 class NodeState(StrEnum):
     """The node status `state` (API.md)."""
 
@@ -239,6 +246,18 @@ class Query:
     reply_to: str | None
     """The payload's reply topic (for MQTT 3.1.1 clients), as sent; `mqtt.routing` decides
     where replies actually go (an MQTT 5 Response Topic takes precedence)."""
+    history: tuple[Turn, ...] = ()
+    """Earlier turns of the conversation, oldest first (API.md v1.1): PHI like `text`, and
+    never kept once the query is answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One earlier turn of a conversation, as the client sent it."""
+
+    role: TurnRole
+    text: str
+    """The words of the wearer or of an earlier answer: PHI, never logged or echoed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,8 @@ def test_model_disabled_by_config_answers_degraded_from_triage(
     assert advice["finish_reason"] == "degraded"
     assert "NEWS2" in advice["text"] and advice["escalation"] is not None
     assert advice["model"] == {"name": None, "quant": None}
-    assert advice["usage"] == {"prompt_tokens": None, "completion_tokens": None}
+    usage = {"prompt_tokens": None, "completion_tokens": None, "history_turns": None}
+    assert advice["usage"] == usage
 
 
 def test_unloadable_model_still_serves_alerts_and_degraded_answers(

@@ -286,7 +286,7 @@ def test_query_defaults() -> None:
 
 def test_query_null_optional_fields_mean_not_given() -> None:
     nulls = dict.fromkeys(
-        ["max_tokens", "stream", "priority", "deadline_s", "include_vitals", "reply_to"]
+        ["max_tokens", "stream", "priority", "deadline_s", "include_vitals", "reply_to", "history"]
     )
     assert _query(**nulls) == _query()
 
@@ -897,7 +897,15 @@ _VITALS_KEYS = [
     "consciousness",
     "events",
 ]
-_QUERY_KEYS = ["max_tokens", "stream", "priority", "deadline_s", "include_vitals", "reply_to"]
+_QUERY_KEYS = [
+    "max_tokens",
+    "stream",
+    "priority",
+    "deadline_s",
+    "include_vitals",
+    "reply_to",
+    "history",
+]
 _stat_values = st.fixed_dictionaries(
     {},
     optional={

@@ -22,6 +22,7 @@ from edged.service.worker import (
     advice_reply,
     draft_phrases,
     generation_settings,
+    prompt_budget,
 )
 
 pytestmark = pytest.mark.arm64
@@ -63,6 +64,14 @@ def test_tight_memory_caps_the_context() -> None:
     assert generation_settings(MODEL, QUERY, _decision(40.0, headroom_mb=400)).max_context == 512
 
 
+def test_the_prompt_leaves_room_for_the_whole_answer_within_the_context() -> None:
+    cool = generation_settings(MODEL, QUERY, _decision(40.0))
+    assert prompt_budget(cool, 1024) == 1024 - 200
+    tight = generation_settings(MODEL, QUERY, _decision(40.0, headroom_mb=400))
+    assert prompt_budget(tight, 1024) == 512 - 200  # the governor's memory cap is the limit
+    assert prompt_budget(tight, 256) == 256 - 200
+
+
 def test_the_advice_carries_the_guard_the_usage_and_the_times() -> None:
     triage = assess([Vitals(ts=1.7e9, spo2=VitalStat(mean=86))], ClinicalConfig().red_flags)
     advice = guard(triage, "Sit down and rest.", ClinicalConfig())
@@ -70,14 +79,21 @@ def test_the_advice_carries_the_guard_the_usage_and_the_times() -> None:
     timing = Timing(100.0, 150.0, 900.0, 50.0, 20.0)
     result = GenerationResult("Sit down and rest.", "", "stop", 40, 12, 30, (1,) * 12, timing)
     ctx = AnswerContext("node-1", "tiny", "int4", 2, "nominal")
-    body = json.loads(advice_reply(job, advice, "stop", result, ctx, started=10.5, ended=11.5))
+    body = json.loads(
+        advice_reply(job, advice, "stop", result, ctx, started=10.5, ended=11.5, history_turns=3)
+    )
     assert body["text"] == "Sit down and rest." and body["escalation"] == advice.escalation
     assert body["escalation"] is not None  # SpO2 86: high risk, whatever the model wrote
     assert body["triage"]["red_flags"] == ["spo2_low"]
-    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "history_turns": 3}
     assert body["timing_ms"] == {"queued": 500, "first_token": 650, "total": 1500}
     assert body["governor"] == {"threads": 2, "state": "nominal"}
     assert body["model"] == {"name": "tiny", "quant": "int4"}
-    degraded = json.loads(advice_reply(job, advice, "degraded", None, ctx, 10.5, 11.0))
-    assert degraded["usage"] == {"prompt_tokens": None, "completion_tokens": None}
+    degraded = json.loads(
+        advice_reply(job, advice, "degraded", None, ctx, 10.5, 11.0, history_turns=None)
+    )
+    # No model ran, so no turn was read: null like the token counts, not 0 (which would
+    # read as "every turn dropped for the context").
+    usage = {"prompt_tokens": None, "completion_tokens": None, "history_turns": None}
+    assert degraded["usage"] == usage
     assert degraded["timing_ms"]["first_token"] is None

@@ -105,8 +105,17 @@ def grounded_question(
 ) -> str:
     """The user turn of a question grounded in the wearer's vitals, as the daemon asks it (and
     `edged ask --vitals`, so both send the model the same prompt)."""
-    block = vitals_context(window, triage, cfg.window_s, count_tokens, cfg.vitals_prompt_tokens)
-    return user_message(question, block)
+    return user_message(question, vitals_block(window, triage, cfg, count_tokens))
+
+
+def vitals_block(
+    window: Sequence[Vitals],
+    triage: Triage,
+    cfg: ClinicalConfig,
+    count_tokens: Callable[[str], int],
+) -> str:
+    """The vitals block the daemon puts before a question, within the configured budget."""
+    return vitals_context(window, triage, cfg.window_s, count_tokens, cfg.vitals_prompt_tokens)
 
 
 @dataclass(frozen=True)

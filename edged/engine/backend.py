@@ -57,6 +57,13 @@ class InferenceBackend(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def count_chat_tokens(
+        self, messages: Sequence[Message], enable_thinking: bool | None = None
+    ) -> int:
+        """Tokens `chat(messages, enable_thinking=…)` would prefill: the chat through the
+        model's template, generation prompt included."""
+        ...
+
     def set_system_prompt(self, text: str) -> int:
         """Cache the KV of the chat prefix that this system message renders to; the number of
         tokens cached. Waits for a running generation: call it from the inference thread."""

@@ -447,6 +447,11 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
+    def count_chat_tokens(
+        self, messages: Sequence[Message], enable_thinking: bool | None = None
+    ) -> int:
+        return len(self.render_chat(messages, enable_thinking=enable_thinking))
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.manifest.name,

@@ -14,7 +14,8 @@ Rules this module adds where the contract is silent (each is documented at its c
 - `ts` must lie between 2000-01-01 and a day after the daemon's clock (`out_of_range`); an RFC
   3339 `ts` needs its offset (`Z` or `+hh:mm`), may use a space for `T`, and may be a leap second;
 - `deadline_s` is at most `MAX_DEADLINE_S` (a day), `out_of_range` beyond;
-- array items are named `events[3]` in `field`;
+- array items are named `events[3]` in `field` (history turns as API.md v1.1 names them:
+  `history.3.text`);
 - strings holding unpaired surrogates (a JSON `"\\ud800"` escape) are `invalid_schema`: they
   cannot be encoded again;
 - a leading UTF-8 byte order mark is ignored (RFC 8259 section 8.1 allows this);
@@ -33,7 +34,16 @@ from datetime import datetime, timezone
 from itertools import accumulate
 from typing import Any, NoReturn
 
-from edged.domain import QUERY_ID_PATTERN, Cancel, Priority, Query, Vitals, VitalStat
+from edged.domain import (
+    QUERY_ID_PATTERN,
+    Cancel,
+    Priority,
+    Query,
+    Turn,
+    TurnRole,
+    Vitals,
+    VitalStat,
+)
 from edged.mqtt.errors import ErrorCode, ProtocolError, json_type, show_value
 from edged.mqtt.topics import MAX_TOPIC_CHARS
 
@@ -43,6 +53,11 @@ MAX_JSON_DEPTH = 64
 """Deepest nesting of arrays/objects accepted; far beyond any v1 message, far below the stack."""
 
 PRIORITIES = tuple(Priority)
+TURN_ROLES = tuple(TurnRole)
+MAX_HISTORY_TURNS = 16
+"""Contract v1.1: earlier turns a query may carry."""
+MAX_TURN_CHARS = 4000
+"""Contract v1.1: the longest earlier turn."""
 MAX_DEADLINE_S = 86400.0
 """A query deadline longer than a day is a client bug, not a wish: out_of_range."""
 
@@ -305,6 +320,7 @@ def _query_fields(
 ) -> Query:
     # Checked in the order of API.md's field list, so the first bad field is the one named.
     text = _query_text(obj, max_text_chars)
+    history = _history(obj)
     max_tokens = _max_tokens(obj, max_tokens_cap, default_max_tokens)
     priority = Priority(_enum(obj, "priority", PRIORITIES) or Priority.NORMAL)
     deadline_s = _deadline(obj, max_deadline_s)
@@ -318,22 +334,52 @@ def _query_fields(
         deadline_s=deadline_s,
         include_vitals=bool(_bool(obj, "include_vitals", True)),
         reply_to=reply_to,
+        history=history,
     )
 
 
 def _query_text(obj: Mapping[str, Any], max_chars: int) -> str:
-    # Messages about `text` give its length only: the text is the patient's own words.
-    text = obj.get("text")
+    return _words("text", obj.get("text"), max_chars)
+
+
+def _words(field: str, text: Any, max_chars: int) -> str:
+    # Messages about a query's words give their length only: they are the patient's own.
     if text is None:
-        _schema("text is required", "text")
+        _schema(f"{field} is required", field)
     if type(text) is not str:
-        _wrong_type("text", "a string", text)
+        _wrong_type(field, "a string", text)
     if not text:
-        _schema(f"text is empty; it must be 1..{max_chars} characters", "text")
+        _schema(f"{field} is empty; it must be 1..{max_chars} characters", field)
     if len(text) > max_chars:
-        _schema(f"text is {len(text)} characters; the limit is {max_chars}", "text")
-    _encodable("text", text)
+        _schema(f"{field} is {len(text)} characters; the limit is {max_chars}", field)
+    _encodable(field, text)
     return text
+
+
+def _history(obj: Mapping[str, Any]) -> tuple[Turn, ...]:
+    value = obj.get("history")
+    if value is None:
+        return ()
+    if type(value) is not list:
+        _wrong_type("history", "an array of turns", value)
+    if len(value) > MAX_HISTORY_TURNS:
+        _schema(f"history has {len(value)} turns; the limit is {MAX_HISTORY_TURNS}", "history")
+    return tuple(_turn(index, turn) for index, turn in enumerate(value))
+
+
+def _turn(index: int, turn: Any) -> Turn:
+    # API.md v1.1 names a turn's fields with dots (`history.3.text`), unlike `events[3]`.
+    path = f"history.{index}"
+    if type(turn) is not dict:
+        _wrong_type(path, "an object with role and text", turn)
+    role = turn.get("role")
+    if role is None:
+        _schema(f"{path}.role is required", f"{path}.role")
+    if type(role) is not str:
+        _wrong_type(f"{path}.role", "a string", role)
+    if role not in TURN_ROLES:
+        _not_one_of(f"{path}.role", role, TURN_ROLES)
+    return Turn(TurnRole(role), _words(f"{path}.text", turn.get("text"), MAX_TURN_CHARS))
 
 
 def _max_tokens(obj: Mapping[str, Any], cap: int, default: int) -> int:
@@ -486,31 +532,34 @@ def _out_of_order(name: str, key_a: str, a: float, key_b: str, b: float) -> NoRe
     )
 
 
-def _timestamp(value: Any, now: float) -> float:
+def _timestamp(value: Any, now: float, field: str = "ts") -> float:
+    # `field`: FHIR vitals (edged.mqtt.fhir) check their effective times with the same rules.
     if value is None:
-        _schema("ts is required", "ts")
+        _schema(f"{field} is required", field)
     if type(value) is str:
-        seconds = _rfc3339_seconds(value)
+        seconds = _rfc3339_seconds(value, field)
     elif _is_number(value):
         seconds = value
     else:
-        _wrong_type("ts", "a number (UNIX seconds) or an RFC 3339 string", value)
+        _wrong_type(field, "a number (UNIX seconds) or an RFC 3339 string", value)
     latest = now + MAX_TS_AHEAD_S
     if not MIN_TS <= seconds <= latest:
         hint = " (milliseconds?)" if _is_number(value) and seconds > 1e11 else ""
         raise ProtocolError(
             ErrorCode.OUT_OF_RANGE,
-            f"ts = {show_value(value)} is outside {MIN_TS:.0f}..{latest:.0f} "
+            f"{field} = {show_value(value)} is outside {MIN_TS:.0f}..{latest:.0f} "
             f"(2000-01-01 to a day from now){hint}",
-            "ts",
+            field,
         )
     return float(seconds)
 
 
-def _rfc3339_seconds(value: str) -> float:
+def _rfc3339_seconds(value: str, field: str = "ts") -> float:
     match = _RFC3339_RE.fullmatch(value)
     if match is None:
-        _schema(f"ts = {show_value(value)} is not UNIX seconds or an RFC 3339 date-time", "ts")
+        _schema(
+            f"{field} = {show_value(value)} is not UNIX seconds or an RFC 3339 date-time", field
+        )
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
     fraction, sign, off_h, off_m = match.groups()[6:]
     try:
@@ -523,8 +572,8 @@ def _rfc3339_seconds(value: str) -> float:
     except ValueError as exc:
         raise ProtocolError(
             ErrorCode.INVALID_SCHEMA,
-            f"ts = {show_value(value)} is not a valid RFC 3339 date-time: {exc}",
-            "ts",
+            f"{field} = {show_value(value)} is not a valid RFC 3339 date-time: {exc}",
+            field,
         ) from None
     seconds = moment.timestamp() + (second == 60) + (float(fraction) if fraction else 0.0)
     if sign is not None:

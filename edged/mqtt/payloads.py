@@ -44,6 +44,7 @@ def advice_payload(
     model_quant: str | None,
     prompt_tokens: int | None,
     completion_tokens: int | None,
+    history_turns: int | None,
     queued_ms: float | None,
     first_token_ms: float | None,
     total_ms: float | None,
@@ -59,7 +60,13 @@ def advice_payload(
         "triage": triage_json(advice.triage),
         "finish_reason": finish_reason,
         "model": {"name": model_name, "quant": model_quant},
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            # v1.1: earlier turns the prompt held; null, like the token counts, when no
+            # model ran (degraded), since then no turn was read at all.
+            "history_turns": history_turns,
+        },
         "timing_ms": {
             "queued": _ms(queued_ms),
             "first_token": _ms(first_token_ms),

@@ -16,6 +16,7 @@ from edged.clinical.state import VitalsState
 from edged.clinical.triage import assess
 from edged.config.models import EdgedConfig
 from edged.mqtt.errors import ProtocolError
+from edged.mqtt.fhir import parse_fhir_vitals
 from edged.mqtt.messages import decode_payload, parse_cancel, parse_query, parse_vitals
 from edged.mqtt.payloads import alert_payload, encode
 from edged.mqtt.routing import error_route, reply_route, unreadable_route
@@ -72,7 +73,10 @@ def handle_vitals(
 ) -> list[Outcome]:
     try:
         limit = ctx.config.limits.max_message_bytes
-        vitals = parse_vitals(decode_payload(msg.payload, limit), now=now)
+        obj = decode_payload(msg.payload, limit)
+        # Contract v1.1: a FHIR resource (Observation or Bundle) is told apart by resourceType.
+        parse = parse_fhir_vitals if "resourceType" in obj else parse_vitals
+        vitals = parse(obj, now=now)
     except ProtocolError as err:
         return error_reply(ctx.topics.error(wearer), err, msg.correlation_data, msg.ack)
     summary = ctx.vitals.add(wearer, vitals, now)

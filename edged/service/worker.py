@@ -3,8 +3,8 @@
 One thread (`edged-worker`) owns the backend: every generation and every change of the cached
 system prompt runs here, so nothing else ever waits on the model (a reload only *queues* a new
 prompt). The decisions around a generation are pure functions: `generation_settings` (config
-+ query + governor decision -> generation settings) and `advice_reply` (triage + model text ->
-the advice bytes).
++ query + governor decision -> generation settings), `prompt_budget` (the tokens a prompt with
+conversation history may take) and `advice_reply` (triage + model text -> the advice bytes).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from edged.clinical.advice import GuardedAdvice, degraded_text, grounded_question, guard
+from edged.clinical.advice import GuardedAdvice, degraded_text, guard, vitals_block
+from edged.clinical.conversation import ConversationPrompt, conversation_messages
 from edged.clinical.state import VitalsState
 from edged.clinical.triage import Triage, assess
 from edged.config.models import ClinicalConfig, EdgedConfig, ModelConfig
@@ -67,6 +68,40 @@ def generation_settings(
     )
 
 
+def prompt_budget(settings: GenerationConfig, context_length: int) -> int:
+    """Tokens the prompt may take so that the whole answer still fits: the context (or the
+    governor's memory cap on it) less the answer's max_new_tokens. Earlier turns beyond it
+    are dropped rather than cutting the answer short."""
+    limit = context_length
+    if settings.max_context is not None:
+        limit = min(limit, settings.max_context)
+    return limit - settings.max_new_tokens
+
+
+def conversation_prompt(
+    backend: InferenceBackend,
+    query: Query,
+    config: EdgedConfig,
+    window: Sequence[Vitals],
+    triage: Triage,
+    settings: GenerationConfig,
+) -> ConversationPrompt:
+    """The query's messages: system prompt, vitals block (with include_vitals), the history
+    turns that fit `prompt_budget`, the question."""
+    vitals = None
+    if query.include_vitals:
+        vitals = vitals_block(window, triage, config.clinical, backend.count_tokens)
+    thinking = config.model.enable_thinking
+    return conversation_messages(
+        config.model.system_prompt,
+        query.history,
+        query.text,
+        vitals,
+        lambda messages: backend.count_chat_tokens(messages, enable_thinking=thinking),
+        prompt_budget(settings, backend.info.context_length),
+    )
+
+
 def draft_phrases(clinical: ClinicalConfig) -> tuple[str, ...]:
     """edged's own sentences that a model trained or prompted on them writes verbatim: the
     configured escalation sentences and the disclaimer."""
@@ -92,8 +127,11 @@ def advice_reply(
     ctx: AnswerContext,
     started: float,
     ended: float,
+    *,
+    history_turns: int | None,
 ) -> bytes:
-    """The advice payload (API.md, Advice); times are time.monotonic() values."""
+    """The advice payload (API.md, Advice); times are time.monotonic() values;
+    `history_turns`: earlier turns the prompt held, None when no model ran."""
     timing = result.timing if result is not None else None
     queued_ms = (started - job.received_at) * 1000
     first = timing.first_token_ms if timing is not None else None
@@ -108,6 +146,7 @@ def advice_reply(
             model_quant=ctx.quantization,
             prompt_tokens=result.prompt_tokens if result else None,
             completion_tokens=result.completion_tokens if result else None,
+            history_turns=history_turns,
             queued_ms=queued_ms,
             first_token_ms=queued_ms + first if first is not None else None,
             total_ms=(ended - job.received_at) * 1000,
@@ -225,14 +264,14 @@ class Worker:
         if self._backend is None or not decision.model_available:
             # No model, or the governor paused it (critical temperature): triage alone.
             advice = guard(triage, degraded_text(triage), config.clinical)
-            return self._answer(job, config, advice, FinishReason.DEGRADED, None, started)
+            return self._answer(job, config, advice, FinishReason.DEGRADED, None, started, None)
         try:
-            result = self._generate(self._backend, job, config, window, triage, decision)
+            result, turns = self._generate(self._backend, job, config, window, triage, decision)
         except ContextFullError as exc:
             return self._context_full(job, exc, config)
         self._timing = result.timing
         self._count_work(result)
-        return self._result_reply(job, config, triage, result, started)
+        return self._result_reply(job, config, triage, result, started, turns)
 
     def _count_work(self, result: GenerationResult) -> None:
         """What the model computed, for the metrics (llama.cpp's server counts the same)."""
@@ -249,6 +288,7 @@ class Worker:
         triage: Triage,
         result: GenerationResult,
         started: float,
+        history_turns: int,
     ) -> FinalReply | Abandoned:
         reason = result.finish_reason
         if reason == FinishReason.SHUTDOWN:
@@ -264,7 +304,7 @@ class Worker:
             reason,
             result.completion_tokens,
         )
-        return self._answer(job, config, advice, reason, result, started)
+        return self._answer(job, config, advice, reason, result, started, history_turns)
 
     def _context_full(self, job: Job, exc: ContextFullError, config: EdgedConfig) -> FinalReply:
         if exc.capped:
@@ -287,6 +327,7 @@ class Worker:
         finish_reason: str,
         result: GenerationResult | None,
         started: float,
+        history_turns: int | None,
     ) -> FinalReply:
         backend = self._backend
         ctx = AnswerContext(
@@ -296,7 +337,10 @@ class Worker:
             threads=backend.parallelism if backend else None,
             governor=self._decision().state,
         )
-        payload = advice_reply(job, advice, finish_reason, result, ctx, started, time.monotonic())
+        ended = time.monotonic()
+        payload = advice_reply(
+            job, advice, finish_reason, result, ctx, started, ended, history_turns=history_turns
+        )
         return FinalReply(job, payload, finish_reason=finish_reason)
 
     # -- one generation --------------------------------------------------------------------
@@ -309,22 +353,26 @@ class Worker:
         window: Sequence[Vitals],
         triage: Triage,
         decision: GovernorDecision,
-    ) -> GenerationResult:
+    ) -> tuple[GenerationResult, int]:
+        """The result, and how many history turns its prompt held."""
         work: QueryWork = job.work
         query = work.query
-        question = query.text
-        if query.include_vitals:
-            question = grounded_question(
-                query.text, window, triage, config.clinical, backend.count_tokens
+        settings = generation_settings(
+            config.model, query, decision, draft_phrases(config.clinical)
+        )
+        prompt = conversation_prompt(backend, query, config, window, triage, settings)
+        if prompt.history_turns < len(query.history):
+            log.debug(
+                "query %s/%s: %d of %d history turns fit the context",
+                job.wearer,
+                job.query_id,
+                prompt.history_turns,
+                len(query.history),
             )
-        messages = [
-            {"role": "system", "content": config.model.system_prompt},
-            {"role": "user", "content": question},
-        ]
         streamer = self._streamer(work, config) if query.stream else None
         result = backend.chat(
-            messages,
-            generation_settings(config.model, query, decision, draft_phrases(config.clinical)),
+            prompt.messages,
+            settings,
             enable_thinking=config.model.enable_thinking,
             on_text=streamer.push if streamer else None,
             stop_check=lambda: self._stop_reason(job),
@@ -332,7 +380,7 @@ class Worker:
         )
         if streamer is not None and result.finish_reason != FinishReason.SHUTDOWN:
             streamer.flush()
-        return result
+        return result, prompt.history_turns
 
     def _streamer(self, work: QueryWork, config: EdgedConfig) -> ChunkStreamer:
         topic = Topics.stream(work.route.topic)
