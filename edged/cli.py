@@ -14,6 +14,7 @@ from edged import __version__
 from edged.config.models import DEFAULT_SYSTEM_PROMPT
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_CONFIG = Path("/etc/edged/edged.yaml")
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=60.0, help="give up after this long")
     _add_config_parser(sub)
     _add_model_parser(sub)
+    _add_doctor_parser(sub)
     return parser
 
 
@@ -117,10 +119,10 @@ def _add_config_parser(sub: Any) -> None:
     config = sub.add_parser("config", help="check or show a config file")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate; exit 2 with one line per problem")
-    check.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+    check.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
     _add_layer_arguments(check)
     show = config_sub.add_parser("show", help="print the config with every default filled in")
-    show.add_argument("file", type=Path, nargs="?", default=Path("/etc/edged/edged.yaml"))
+    show.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG)
     show.add_argument(
         "--resolved", action="store_true", help="one line per key with the layer it came from"
     )
@@ -141,6 +143,29 @@ def _add_model_parser(sub: Any) -> None:
         export.add_argument("args", nargs=argparse.REMAINDER)
     else:
         add_export_arguments(export)
+
+
+def _add_doctor_parser(sub: Any) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the CPU, cores, memory, sensors, broker, state directory and model; "
+        "exit 1 when something will not work",
+    )
+    doctor.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"YAML config: a single-node file or a fleet file (default: {DEFAULT_CONFIG} "
+        "when it exists)",
+    )
+    doctor.add_argument(
+        "--model", type=Path, default=None, help="model directory instead of model.path"
+    )
+    doctor.add_argument("--json", action="store_true", help='one JSON object {"ok", "checks"}')
+    doctor.add_argument(
+        "--no-speed", dest="speed", action="store_false", help="skip the short measured decode"
+    )
+    _add_layer_arguments(doctor)
 
 
 def _add_eval_parser(model_sub: Any) -> None:
@@ -431,6 +456,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edged.doctor import run_checks
+    from edged.doctor.checks import passed, render_json, render_table
+
+    checks = run_checks(_doctor_options(args))
+    print(render_json(checks) if args.json else render_table(checks))
+    return EXIT_OK if passed(checks) else EXIT_FAIL
+
+
+def _doctor_options(args: argparse.Namespace) -> Any:
+    """The config as `config check` sees it, its problems as lines (a check, not an exit)."""
+    from edged.config import ConfigError, check_config
+    from edged.doctor import DoctorOptions
+
+    if args.config is None and DEFAULT_CONFIG.is_file():
+        args.config = DEFAULT_CONFIG
+    config, problems = None, []
+    if args.config is not None:
+        try:
+            resolved = _resolve(args)
+        except ConfigError as exc:
+            problems = str(exc).splitlines()
+        else:
+            config = resolved.config
+            problems = check_config(config, str(args.config), resolved.key_lines)
+            # The doctor's own state_dir check writes a probe file: it says it better.
+            problems = [p for p in problems if "delivery.state_dir = " not in p]
+            problems += [f"warning: {w}" for w in resolved.warnings]
+    root = args.board_root
+    if config is not None and root == Path("/"):
+        root = config.governor.sensor_root
+    return DoctorOptions(
+        config=config,
+        config_source=str(args.config) if args.config is not None else None,
+        config_problems=tuple(problems),
+        model_dir=args.model,
+        root=root,
+        measure_speed=args.speed,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edged.demo import run_demo
 
@@ -448,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "demo": cmd_demo,
         "config": cmd_config,
+        "doctor": cmd_doctor,
         "model": lambda a: {
             "info": cmd_model_info,
             "export": cmd_model_export,

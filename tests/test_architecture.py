@@ -37,7 +37,14 @@ STAGE_NAMES = ("broker", "validate", "schedule", "infer", "guard", "publish")
 # Below every stage: shared vocabulary, configuration and the governor's policy and sensors.
 FOUNDATION = ("edged.domain", "edged.config", "edged.governor", "edged.models")
 # Above every stage: wiring and entry points, which may import anything.
-WIRING = ("edged.service", "edged.cli", "edged.demo", "edged.__main__", "edged.export")
+WIRING = (
+    "edged.service",
+    "edged.cli",
+    "edged.demo",
+    "edged.doctor",
+    "edged.__main__",
+    "edged.export",
+)
 POLICY = ("edged.clinical", "edged.config", "edged.governor")
 FORBIDDEN_FOR_POLICY = ("edged.mqtt", "edged.engine", "edged.service")
 

@@ -61,18 +61,23 @@ class CacheEntry:
         return self.directory / GRAPH
 
 
+def cpu_flags(cpuinfo: str) -> tuple[str, ...]:
+    """The instruction-set flags in /proc/cpuinfo's text, sorted (pure: `edged doctor` reads
+    them from a board's cpuinfo too)."""
+    for line in cpuinfo.splitlines():
+        # x86 says "flags", ARM "Features"; the first core's line stands for all (a
+        # big.LITTLE board's cores share one instruction set).
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            return tuple(sorted(line.split(":", 1)[1].split()))
+    return ()
+
+
 def cpu_signature() -> str:
     """What the prepacked layout may depend on: architecture and instruction-set flags."""
-    flags = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            # x86 says "flags", ARM "Features"; the first core's line stands for all (a
-            # big.LITTLE board's cores share one instruction set).
-            if line.split(":")[0].strip() in ("flags", "Features"):
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                break
+        flags = " ".join(cpu_flags(Path("/proc/cpuinfo").read_text()))
     except OSError:
-        pass
+        flags = ""
     return f"{platform.machine()} {flags}"
 
 

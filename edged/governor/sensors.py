@@ -145,33 +145,50 @@ def _zone_number(zone: Path) -> int:
     return int(suffix) if suffix.isdigit() else 1 << 30
 
 
-def read_thermal(root: Path) -> tuple[float | None, str | None]:
-    """CPU temperature (°C) and the zone type it came from, from the thermal sysfs class
+@dataclass(frozen=True)
+class ZoneReading:
+    """One thermal zone as the kernel shows it."""
+
+    zone: str
+    """Directory name, e.g. "thermal_zone0"."""
+    type: str | None
+    """The zone's `type`, e.g. "cpu-thermal"; None when unreadable."""
+    temp_c: float | None
+    """°C; None when unreadable or outside PLAUSIBLE_TEMP_C (no sensor behind the zone)."""
+
+
+def read_zones(root: Path) -> list[ZoneReading]:
+    """Every thermal zone in zone-number order, from the thermal sysfs class
     (Documentation/driver-api/thermal/sysfs-api.rst: `temp` is in millidegrees Celsius)."""
     try:
         zones = sorted((root / "sys/class/thermal").glob("thermal_zone*"), key=_zone_number)
     except OSError as exc:
         log.debug("cannot list thermal zones: %s", exc)
-        return None, None
-    readable: dict[str, float] = {}  # first zone of each type wins
-    order: list[str] = []
+        return []
+    readings = []
     for zone in zones:
         zone_type = _read_text(zone / "type")
         millideg = _read_int(zone / "temp")
-        if zone_type is None or millideg is None:
-            continue
-        zone_type = zone_type.strip()
-        temp_c = millideg / 1000.0
-        if not PLAUSIBLE_TEMP_C[0] <= temp_c <= PLAUSIBLE_TEMP_C[1]:
+        temp_c = None if millideg is None else millideg / 1000.0
+        if temp_c is not None and not PLAUSIBLE_TEMP_C[0] <= temp_c <= PLAUSIBLE_TEMP_C[1]:
             log.debug("%s (%s): ignoring implausible %.1f °C", zone.name, zone_type, temp_c)
-            continue
-        if zone_type not in readable:
-            readable[zone_type] = temp_c
-            order.append(zone_type)
+            temp_c = None
+        readings.append(
+            ZoneReading(zone.name, zone_type.strip() if zone_type is not None else None, temp_c)
+        )
+    return readings
+
+
+def read_thermal(root: Path) -> tuple[float | None, str | None]:
+    """CPU temperature (°C) and the zone type it came from (see `read_zones`)."""
+    readable: dict[str, float] = {}  # first zone of each type wins
+    for reading in read_zones(root):
+        if reading.type is not None and reading.temp_c is not None:
+            readable.setdefault(reading.type, reading.temp_c)
     for wanted in CPU_ZONE_TYPES:
         if wanted in readable:
             return readable[wanted], wanted
-    for zone_type in order:
+    for zone_type in readable:  # dicts keep insertion (zone number) order
         if "cpu" in zone_type.lower():
             return readable[zone_type], zone_type
     return None, None
@@ -446,7 +463,9 @@ def _v1_cpu_quota(cpu_dir: Path) -> float | None:
     return quota / period
 
 
-def _cpu_quota(root: Path) -> float | None:
+def read_cpu_quota(root: Path) -> float | None:
+    """The cgroup CPU quota in CPUs (1.5 = one and a half; on cgroup v2 the tightest of the
+    cgroup and its ancestors), or None when unlimited or unknown."""
     membership = _read_membership(root)
     if membership is None:
         return None
@@ -477,7 +496,7 @@ def read_cpus(root: Path) -> int | None:
     else:
         text = _read_text(root / "sys/devices/system/cpu/online")
         count = _count_cpu_list(text) if text is not None else None
-    quota = _cpu_quota(root)
+    quota = read_cpu_quota(root)
     if quota is not None:
         count = min(count or math.ceil(quota), math.ceil(quota))
     return None if count is None else max(1, count)
