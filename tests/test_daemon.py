@@ -241,6 +241,21 @@ def test_vitals_errors_name_field_value_and_range(daemon: Daemon, gateway: TestC
     assert daemon.metrics().counters.vitals == 1
 
 
+def test_misspelt_fields_get_an_error_saying_what_was_meant(
+    daemon: Daemon, gateway: TestClient
+) -> None:
+    """A client written for a chat API sends `prompt`; a gateway sends `hr` and `SpO2`. Both
+    used to be met with "text is required" or, worse, silence."""
+    gateway.publish(f"{P}/w1/query", {"id": "q-p", "prompt": "Should I worry?"})
+    err = _error(gateway.wait_for(reply_to("q-p")))
+    assert (err["code"], err["field"]) == ("invalid_schema", "text")
+    assert err["message"] == "text is required; got 'prompt': did you mean 'text'?"
+    gateway.publish(f"{P}/w1/vitals", {"ts": time.time(), "hr": 80, "SpO2": 95})
+    err = _error(gateway.wait_for(lambda r: r.topic == f"{P}/w1/error"))
+    assert err["code"] == "invalid_schema" and "did you mean 'heart_rate'?" in err["message"]
+    assert daemon.metrics().counters.vitals == 0
+
+
 def test_invalid_wearer_goes_to_the_node_error_topic(daemon: Daemon, gateway: TestClient) -> None:
     gateway.publish(f"{P}/bad.wearer!/query", _query("q-w"))
     err = _error(gateway.wait_for(lambda r: r.topic == f"{P}/_node/test-node/error"))

@@ -1007,3 +1007,50 @@ def test_importing_the_pure_layer_does_not_import_the_transport() -> None:
         "assert not any(m.startswith('paho') for m in sys.modules), 'paho imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- did you mean (issue #14, the first hour) ------------------------------------------------
+
+
+@pytest.mark.parametrize("sent", ["prompt", "question", "content", "Text", "txt"])
+def test_a_query_with_a_near_miss_for_text_says_which_field_it_meant(sent: str) -> None:
+    err = _error(parse_query, {"id": "q1", sent: "Should I worry?"})
+    assert err.field == "text" and err.id == "q1"
+    assert str(err) == f"text is required; got '{sent}': did you mean 'text'?"
+
+
+def test_missing_fields_without_a_near_miss_keep_the_plain_message() -> None:
+    assert str(_error(parse_query, {"id": "q1", "colour": "blue"})) == "text is required"
+    assert str(_error(parse_query, {"text": "hi"})) == "id is required"
+
+
+def test_a_query_id_and_a_turn_name_their_near_misses() -> None:
+    err = _error(parse_query, {"query_id": "q1", "text": "hi"})
+    assert (err.field, str(err)) == ("id", "id is required; got 'query_id': did you mean 'id'?")
+    # A chat API's turn ({"role", "content"}) sent as history:
+    turn = {"role": "user", "content": "I was dizzy yesterday."}
+    err = _error(parse_query, {"id": "q1", "text": "hi", "history": [turn]})
+    assert err.field == "history.0.text"
+    assert str(err).endswith("got 'content': did you mean 'text'?")
+
+
+def test_a_summary_whose_fields_are_all_unknown_is_an_error_naming_the_near_misses() -> None:
+    err = _error(parse_vitals, {"ts": NOW, "hr": 80, "SpO2": 95, "colour": "red"}, now=NOW)
+    assert err.code == ErrorCode.INVALID_SCHEMA and err.field is None
+    message = str(err)
+    assert message.startswith("the summary has no reading: none of heart_rate, spo2,")
+    assert "got 'hr': did you mean 'heart_rate'?" in message
+    assert "got 'SpO2': did you mean 'spo2'?" in message
+    assert "colour" not in message
+
+
+def test_ts_alone_and_unknown_fields_beside_a_reading_stay_valid() -> None:
+    # API.md v1: every vital is optional and unknown fields are ignored; only a summary that
+    # is nothing but unknown fields is refused.
+    assert _vitals() == Vitals(ts=NOW)
+    assert _vitals(heart_rate=70, hr=80).heart_rate == VitalStat(70)
+
+
+def test_a_summary_without_ts_names_a_near_miss() -> None:
+    err = _error(parse_vitals, {"timestamp": NOW, "heart_rate": 70}, now=NOW)
+    assert (err.field, str(err)) == ("ts", "ts is required; got 'timestamp': did you mean 'ts'?")

@@ -24,6 +24,7 @@ Rules this module adds where the contract is silent (each is documented at its c
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -123,6 +124,60 @@ def _outside(field: str, value: Any, lo: float, hi: float) -> NoReturn:
 
 def _not_one_of(field: str, value: Any, allowed: tuple[Any, ...]) -> NoReturn:
     _schema(f"{field} = {show_value(value)} is not one of {', '.join(map(str, allowed))}", field)
+
+
+# -- did you mean ----------------------------------------------------------------------------
+
+QUERY_FIELDS = (
+    "id", "text", "history", "max_tokens", "priority", "deadline_s", "stream",
+    "include_vitals", "reply_to",
+)  # fmt: skip
+"""The query's fields (API.md, Query; `history` v1.1)."""
+TURN_FIELDS = ("role", "text")
+# What other APIs call the fields edged names otherwise: a client written for a chat API sends
+# `prompt`, `question` or `content` where edged reads `text`, and a wearable SDK `timestamp`.
+_SYNONYMS: Mapping[str, str] = {
+    "prompt": "text", "question": "text", "message": "text", "content": "text",
+    "query": "text", "input": "text", "msg": "text",
+    "query_id": "id", "request_id": "id", "qid": "id", "uuid": "id",
+    "timestamp": "ts", "time": "ts", "t": "ts",
+    "hr": "heart_rate", "heartrate": "heart_rate", "pulse": "heart_rate", "bpm": "heart_rate",
+    "rr": "resp_rate", "respiratory_rate": "resp_rate", "respiration_rate": "resp_rate",
+    "oxygen_saturation": "spo2", "sao2": "spo2", "o2": "spo2",
+    "temperature": "temp_c", "temp": "temp_c", "body_temperature": "temp_c",
+    "systolic": "systolic_bp", "sbp": "systolic_bp",
+    "diastolic": "diastolic_bp", "dbp": "diastolic_bp",
+    "hrv": "hrv_rmssd_ms", "step_count": "steps",
+}  # fmt: skip
+MAX_HINT_KEYS = 64
+"""Keys looked at for a hint: a hostile message with thousands costs no more than a normal one."""
+
+
+def near_misses(obj: Mapping[str, Any], known: tuple[str, ...]) -> dict[str, str]:
+    """Unknown keys of `obj` that look like one of `known`: {sent: meant}. A synonym from
+    another API (`prompt` for `text`) or a misspelling (`heartrate`, `max_token`)."""
+    found: dict[str, str] = {}
+    for key in list(obj)[:MAX_HINT_KEYS]:
+        if type(key) is not str or key in known or len(key) > 64:
+            continue
+        folded = key.lower().replace("-", "_")
+        meant = _SYNONYMS.get(folded) if folded not in known else folded
+        if meant is None:
+            close = difflib.get_close_matches(folded, known, n=1, cutoff=0.8)
+            meant = close[0] if close else None
+        if meant in known:
+            found[key] = meant
+    return found
+
+
+def _hint(obj: Mapping[str, Any], wanted: str, known: tuple[str, ...]) -> str:
+    """ "; did you mean ..." for a missing `wanted` field, or nothing."""
+    sent = [key for key, meant in near_misses(obj, known).items() if meant == wanted]
+    return f"; got {show_value(sent[0])}: did you mean {wanted!r}?" if sent else ""
+
+
+def _required(obj: Mapping[str, Any], field: str, known: tuple[str, ...], path: str) -> NoReturn:
+    _schema(f"{path} is required{_hint(obj, field, known)}", path)
 
 
 # -- bytes -> dict ---------------------------------------------------------------------------
@@ -270,7 +325,7 @@ def _number_in(field: str, value: Any, lo: float, hi: float) -> float:
 def _query_id(obj: Mapping[str, Any]) -> str:
     value = obj.get("id")
     if value is None:
-        _schema("id is required", "id")
+        _required(obj, "id", QUERY_FIELDS, "id")
     if type(value) is not str:
         _wrong_type("id", "a string", value)
     if _ID_RE.fullmatch(value) is None:
@@ -339,6 +394,8 @@ def _query_fields(
 
 
 def _query_text(obj: Mapping[str, Any], max_chars: int) -> str:
+    if obj.get("text") is None:
+        _required(obj, "text", QUERY_FIELDS, "text")
     return _words("text", obj.get("text"), max_chars)
 
 
@@ -374,11 +431,13 @@ def _turn(index: int, turn: Any) -> Turn:
         _wrong_type(path, "an object with role and text", turn)
     role = turn.get("role")
     if role is None:
-        _schema(f"{path}.role is required", f"{path}.role")
+        _required(turn, "role", TURN_FIELDS, f"{path}.role")
     if type(role) is not str:
         _wrong_type(f"{path}.role", "a string", role)
     if role not in TURN_ROLES:
         _not_one_of(f"{path}.role", role, TURN_ROLES)
+    if turn.get("text") is None:
+        _required(turn, "text", TURN_FIELDS, f"{path}.text")
     return Turn(TurnRole(role), _words(f"{path}.text", turn.get("text"), MAX_TURN_CHARS))
 
 
@@ -440,11 +499,17 @@ def parse_vitals(obj: dict[str, Any], *, now: float | None = None) -> Vitals:
     day after `now`, and a vital whose values are out of order (min <= mean <= max must hold;
     field: the vital). `invalid_schema`: wrong types, unknown enum values, a vital object with
     none of mean/min/max, bad event names, more than 16 events, an unreadable RFC 3339 `ts`.
-    Booleans are never numbers. Unknown fields are ignored.
+    Booleans are never numbers. Unknown fields are ignored, but a summary with unknown fields
+    must hold at least one of `READING_FIELDS`; a missing `ts` or reading names the
+    near-miss keys sent (`timestamp`, `heartrate`: "did you mean").
     """
     _require_object(obj)
     get = obj.get
+    if get("ts") is None:
+        _required(obj, "ts", VITALS_FIELDS, "ts")
     ts = _timestamp(get("ts"), time.time() if now is None else now)
+    if not any(get(name) is not None for name in READING_FIELDS) and not obj.keys() <= _KNOWN:
+        _no_reading(obj)
 
     window_s = get("window_s")
     if window_s is not None:
@@ -478,6 +543,26 @@ def parse_vitals(obj: dict[str, Any], *, now: float | None = None) -> Vitals:
         spo2_scale=spo2_scale,
         consciousness=_enum(obj, "consciousness", CONSCIOUSNESS_LEVELS),
         events=() if raw_events is None else _events(raw_events),
+    )
+
+
+READING_FIELDS = (*VITAL_RANGES, "activity", "on_oxygen", "consciousness", "events")
+"""A summary with unknown fields must carry at least one of these: unknown fields and no reading
+is what a gateway sends when every name is misspelt (`hr`, `SpO2`), and ignoring them all would
+look like success. `ts` alone stays valid (API.md: every vital is optional)."""
+VITALS_FIELDS = ("ts", "window_s", *READING_FIELDS, "spo2_scale")
+_KNOWN = frozenset(VITALS_FIELDS)
+
+
+def _no_reading(obj: Mapping[str, Any]) -> NoReturn:
+    misses = near_misses(obj, VITALS_FIELDS)
+    hint = "; ".join(f"got {show_value(k)}: did you mean {v!r}?" for k, v in misses.items())
+    _schema(
+        "the summary has no reading: none of "
+        + ", ".join(READING_FIELDS)
+        + " is given"
+        + (f"; {hint}" if hint else ""),
+        None,
     )
 
 
