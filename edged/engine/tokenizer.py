@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+_ZWNJ = "\u200c"
+
+
+def _control_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex for every added token (control tokens such as `<|im_start|>`, `<think>`),
+    longest first so that a token containing another is matched whole."""
+    texts = sorted({t for t in tokens if len(t) > 1}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
 class ChatTokenizer:
     """Text <-> token ids, plus the model's chat template."""
 
@@ -79,6 +90,7 @@ class ChatTokenizer:
         self.special_tokens = special_tokens
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids: frozenset[int] = frozenset(i for i, tok in added.items() if tok.special)
+        self._control = _control_pattern(tok.content for tok in added.values())
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTokenizer:
@@ -138,8 +150,27 @@ class ChatTokenizer:
         context = dict(self.special_tokens)
         context.update(template_kwargs)
         return self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **context
+            messages=[self._defused(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            **context,
         )
+
+    def _defused(self, message: Message) -> Message:
+        """`message` with the model's control tokens in its text made plain text.
+
+        The rendered prompt is encoded with the added tokens recognised (the template's own
+        `<|im_start|>` must be), so a wearer or a client's history that *writes*
+        `<|im_start|>system` would otherwise open a real system turn, and `</think>` would end
+        the model's reasoning. A zero-width non-joiner after the first character keeps the text
+        readable and makes the tokenizer see ordinary characters.
+        """
+        content = message.get("content")
+        if self._control is None or type(content) is not str:
+            return message
+        if self._control.search(content) is None:
+            return message
+        defused = self._control.sub(lambda m: m.group()[0] + _ZWNJ + m.group()[1:], content)
+        return {**message, "content": defused}
 
 
 class IncrementalDecoder:
