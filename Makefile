@@ -8,17 +8,21 @@ MODEL  ?= edged/models/demo-clinical-int4
 .PHONY: demo ask test arm64-check lint bench install install-dev clean
 
 $(VENV)/bin/python:
+	@echo "creating $(VENV) with $(PYTHON)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Stamps re-run the install when pyproject.toml changes, and skip it otherwise.
+# No --quiet on the heavy steps: pip's lines and progress bars show that the minutes are moving.
 $(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e .
+	@echo "installing edged into $(VENV) (first time: about a minute)..."
+	$(PY) -m pip install --progress-bar on -e .
 	touch $@
 
 # torch is pinned in the export extra; naming it here too keeps pip from ever choosing a CUDA build.
 $(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[export,dev]' 'torch==2.13.0'
+	@echo "installing edged and its test dependencies into $(VENV) (first time: about 1-2 minutes)..."
+	$(PY) -m pip install --progress-bar on -e '.[export,dev]' 'torch==2.13.0'
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

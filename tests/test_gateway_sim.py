@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -100,3 +101,36 @@ def test_every_simulated_query_gets_its_reply_and_only_broken_messages_get_error
 def test_refuses_a_broker_that_is_not_on_this_machine() -> None:
     with pytest.raises(gateway_sim.SimulationError, match="non-loopback"):
         gateway_sim.run_simulation("192.0.2.1", 1883, wearers=1, count=1)
+
+
+def test_the_command_line_reports_progress_on_stderr_and_the_report_on_stdout(
+    broker: PrivateBroker, daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim.json"
+    argv = ["--port", str(broker.port), "--wearers", "2", "--vitals-rate", "5"]
+    argv += ["--query-rate", "0.5", "--duration", "2.5", "--max-tokens", "8"]
+    argv += ["--reply-timeout", "10", "--seed", "3", "--progress-every", "0.5", "--json", str(out)]
+
+    assert gateway_sim.main(argv) == 0
+
+    captured = capsys.readouterr()
+    progress = [line for line in captured.err.splitlines() if line.startswith("gateway_sim: ")]
+    # One line every 0.5 s over a 2.5 s run, each with the elapsed and planned time.
+    assert len(progress) >= 4, captured.err
+    assert "/2.5 s, " in progress[-1] and " vitals, " in progress[-1]
+    assert "answered" in progress[-1]
+    assert "gateway_sim:" not in captured.out, "progress must stay off stdout"
+    assert "result         OK" in captured.out
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["vitals_sent"] > 0
+
+
+def test_progress_every_zero_keeps_stderr_quiet(
+    broker: PrivateBroker, daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--port", str(broker.port), "--wearers", "1", "--vitals-rate", "5", "--query-rate"]
+    argv += ["1", "--count", "1", "--max-tokens", "4", "--progress-every", "0"]
+
+    assert gateway_sim.main(argv) == 0
+
+    assert "gateway_sim:" not in capsys.readouterr().err

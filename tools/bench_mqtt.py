@@ -22,6 +22,9 @@ publishers are not what is measured); the daemon's `counters.vitals` is sampled 
 Rate = summaries counted / time from the first to the last one counted; the CPU time of the
 daemon's network thread (which parses, validates and routes every message) gives summaries per
 CPU-second, i.e. what one core sustains. Target: 5,000 summaries/s.
+
+stdout gets the results (JSON, then tables); progress goes to stderr, a line a second at most
+(`--progress-every`, 0 for none).
 """
 
 from __future__ import annotations
@@ -70,6 +73,24 @@ INGEST_IDLE_TIMEOUT_S = 5.0
 INGEST_TIMEOUT_S = 120.0
 SAMPLE_EVERY_S = 0.002
 WEARER = "bench"
+
+
+class Progress:
+    """Progress lines on stderr, at most one per `every_s` seconds, so that a minutes-long run
+    shows it is moving; stdout stays the results alone. `every_s` 0: silent."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._next = 0.0
+
+    def say(self, line: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.every_s > 0 and (force or now >= self._next):
+            print(f"bench_mqtt: {line}", file=sys.stderr, flush=True)
+            self._next = now + self.every_s
+
+
+QUIET = Progress(0)
 
 _SUBJECTS = (
     "dizzy when I stand up",
@@ -305,6 +326,7 @@ def bench_latency(
     warmup: int,
     max_tokens: int,
     in_process_gateway: bool = False,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     if daemon.config.model.temperature != 0.0:
         raise SystemExit(
@@ -325,8 +347,10 @@ def bench_latency(
     tokens: list[int] = []
     mismatched = 0
     finish: dict[str, int] = {}
+    progress.say(f"latency: {samples} queries per path after {warmup} warm-up", force=True)
     try:
         for i, text in enumerate(query_texts(warmup + samples)):
+            progress.say(f"latency: query {i + 1}/{warmup + samples} ({warmup} warm-up)")
             # include_vitals off: the direct call below sends the bare question, and the
             # comparison needs the same prompt on both paths.
             query = {
@@ -427,7 +451,13 @@ def _thread_cpu_s(native_id: int | None) -> float | None:
 
 
 def bench_vitals(
-    daemon: Daemon, port: int, qos: int, total: int, publishers: int, workdir: Path
+    daemon: Daemon,
+    port: int,
+    qos: int,
+    total: int,
+    publishers: int,
+    workdir: Path,
+    progress: Progress = QUIET,
 ) -> dict[str, Any]:
     mosquitto_pub = shutil.which("mosquitto_pub")
     if mosquitto_pub is None:
@@ -446,6 +476,7 @@ def bench_vitals(
     cpu_proc_0 = sum(psutil.Process().cpu_times()[:2])
 
     samples: list[tuple[float, int]] = []
+    progress.say(f"vitals QoS {qos}: {total:,} summaries from {publishers} publishers", True)
     started = time.perf_counter()
     procs = []
     for k, path in enumerate(files):
@@ -478,6 +509,7 @@ def bench_vitals(
     while time.perf_counter() < deadline:
         now = time.perf_counter()
         count = daemon.metrics().counters.vitals - base_vitals
+        progress.say(f"vitals QoS {qos}: {count:,}/{total:,} counted ({now - started:.0f} s)")
         if count != last_count:
             samples.append((now, count))
             last_count, last_change = count, now
@@ -649,6 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-vitals", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=1.0,
+        help="a progress line on stderr this often, in seconds (0: none)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--gateway-worker"] and len(argv) == 3:
         return gateway_worker(int(argv[1]), argv[2])
@@ -660,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     result: dict[str, Any] = {}
+    progress = Progress(args.progress_every)
+    progress.say(f"starting mosquitto and the daemon on {args.model}", force=True)
     with (
         PrivateBroker() as broker,
         tempfile.TemporaryDirectory(prefix="edged-bench-", dir=args.state_dir) as tmp,
@@ -706,10 +746,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                     args.max_tokens,
                     in_process_gateway=args.in_process_gateway,
+                    progress=progress,
                 )
             if not args.skip_vitals:
                 result["vitals"] = [
-                    bench_vitals(daemon, broker.port, qos, args.vitals, args.publishers, Path(tmp))
+                    bench_vitals(
+                        daemon, broker.port, qos, args.vitals, args.publishers, Path(tmp), progress
+                    )
                     for qos in (0, 1)
                 ]
         finally:

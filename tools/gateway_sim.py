@@ -12,7 +12,8 @@ breathing rates rise) and queries, each at its own rate, for `--duration` second
 Data), on the payload's `reply_to`, or on the default advice topic (`--reply`). After sending,
 it waits for every query's final reply (advice or error) up to `--reply-timeout` seconds after
 the last query and prints: sent / answered / errors by code / missing ids, reply latency
-p50/p90/p99/max, and the vitals rate achieved. Exit status 0 when every query got exactly the
+p50/p90/p99/max, and the vitals rate achieved; meanwhile a progress line goes to stderr every
+second (`--progress-every`, 0 for none). Exit status 0 when every query got exactly the
 reply it should (advice, or the error a deliberately invalid message asks for), 1 otherwise.
 
 Importable: `run_simulation(host, port, wearers=..., count=...) -> SimResult`, for tests and
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -315,6 +317,39 @@ class SimulationError(RuntimeError):
     pass
 
 
+@dataclass
+class _Heartbeat:
+    """Says how the run is going every `every_s` seconds while it sleeps or waits: a long run
+    must show that it is moving. Silent without `say`."""
+
+    say: Callable[[str], None] | None
+    every_s: float
+    next_at: float = 0.0
+
+    def _beat(self, now: float, line: Callable[[], str]) -> None:
+        if self.say is not None and now >= self.next_at:
+            self.say(line())
+            self.next_at = now + self.every_s
+
+    def sleep_until(self, due: float, line: Callable[[], str]) -> None:
+        while True:
+            now = time.perf_counter()
+            self._beat(now, line)
+            if now >= due:
+                return
+            wake = due if self.say is None else min(due, self.next_at)
+            time.sleep(max(0.0, wake - now))
+
+    def wait(self, event: threading.Event, due: float, line: Callable[[], str]) -> None:
+        """Wait for `event` until perf_counter() reaches `due`."""
+        while not event.is_set():
+            now = time.perf_counter()
+            self._beat(now, line)
+            if now >= due:
+                return
+            event.wait(max(0.0, (due if self.say is None else min(due, self.next_at)) - now))
+
+
 def check_loopback(host: str) -> None:
     """Raise SimulationError unless every address `host` resolves to is a loopback address."""
     try:
@@ -363,6 +398,7 @@ class _Gateway:
         self.chunks = 0
         self.stream_mismatches: list[str] = []
         self.outstanding = 0
+        self.answered = 0
         self._last_publish: mqtt.MQTTMessageInfo | None = None
         self.all_answered = threading.Event()
         self._subscribed = threading.Event()
@@ -484,6 +520,7 @@ class _Gateway:
             self.duplicates += 1
             return
         item.replied_at = now
+        self.answered += 1
         elapsed_ms = (now - item.sent_at) * 1000
         name = f"{item.wearer}/{item.query_id}"
         if "code" in body:
@@ -595,6 +632,8 @@ def run_simulation(
     prefix: str = "edged",
     seed: int | None = None,
     allow_remote: bool = False,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 1.0,
 ) -> SimResult:
     """Run one simulation against the broker at host:port and return what happened.
 
@@ -605,7 +644,8 @@ def run_simulation(
     invalid_json) and must get that error; `invalid_vitals_every` N likewise for vitals
     (out_of_range on spo2.min). Queries of deteriorating wearers are `urgent` unless
     `urgent_deteriorating` is False. Returns after every query is answered or
-    `reply_timeout_s` has passed since the last one was sent.
+    `reply_timeout_s` has passed since the last one was sent. `progress`, if given, gets a
+    line every `progress_every_s` seconds (sent, answered) while the run sleeps or waits.
     """
     if (duration_s is None) == (count is None):
         raise ValueError("give exactly one of duration_s and count")
@@ -638,6 +678,17 @@ def run_simulation(
     started = time.perf_counter()
     gateway = _Gateway(host, port, prefix, run_tag, reply_mode, stream, set(names))
     result = SimResult(wearers=wearers, reply_mode=reply_mode, send_s=0.0, wall_s=0.0)
+    beat = _Heartbeat(progress, progress_every_s)
+
+    def status() -> str:
+        elapsed = time.perf_counter() - started
+        span = f"{elapsed:.0f}/{duration_s:g} s" if duration_s is not None else f"{elapsed:.0f} s"
+        sent = f"{result.queries_sent}/{count}" if count is not None else f"{result.queries_sent}"
+        return (
+            f"gateway_sim: {span}, {result.vitals_sent} vitals, {sent} queries sent, "
+            f"{gateway.answered} answered"
+        )
+
     try:
         # Event schedule: (due time, sequence, kind, wearer). Each wearer starts at a random
         # phase so N wearers at 1/s are spread over the second, not a burst of N.
@@ -662,9 +713,7 @@ def run_simulation(
             due, _, kind, name = heapq.heappop(events)
             if due >= end:
                 break  # the heap's earliest event is past the end: so is every other
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+            beat.sleep_until(due, status)
             rate = vitals_rate if kind == "vitals" else query_rate
             # +/-10 % jitter on every period, so wearers do not stay in lock-step.
             heapq.heappush(events, (due + rng.uniform(0.9, 1.1) / rate, seq, kind, name))
@@ -707,7 +756,11 @@ def run_simulation(
         if not gateway.wait_flushed(DRAIN_TIMEOUT_S):
             log.warning("not every message reached the broker within %.0f s", DRAIN_TIMEOUT_S)
         if result.queries_sent:
-            gateway.all_answered.wait(max(0.0, send_end + reply_timeout_s - time.perf_counter()))
+            beat.wait(
+                gateway.all_answered,
+                send_end + reply_timeout_s,
+                lambda: f"{status()} (waiting up to {reply_timeout_s:g} s for the rest)",
+            )
         # Replies about vitals have no query to wait for: give the last ones a moment.
         if result.invalid_vitals_sent:
             deadline = time.monotonic() + 2.0
@@ -845,8 +898,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (reproducible vitals)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=1.0,
+        help="a progress line on stderr this often, in seconds (0: none)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -877,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.prefix,
             seed=args.seed,
             allow_remote=args.allow_remote,
+            progress=_stderr if args.progress_every > 0 else None,
+            progress_every_s=args.progress_every,
         )
     except (SimulationError, ValueError, OSError) as exc:
         print(f"gateway_sim: {exc}", file=sys.stderr)

@@ -107,7 +107,8 @@ def make(out: Path, quant: str = "int4", progress: bool = True, direct: bool = F
         name = f"tiny-qwen3-gqa-{quant}"
         if direct or not _export_model_available():
             log.info("exporting with genai_builder.build and write_manifest directly")
-            return export_direct(checkpoint, Path(out), quant, name, progress)
+            measured = export_direct(checkpoint, Path(out), quant, name, progress)
+            return make_test_model.commit_manifest(Path(out), measured)
         from edged.export import ExportOptions, export_model
 
         opts = ExportOptions(
@@ -120,7 +121,7 @@ def make(out: Path, quant: str = "int4", progress: bool = True, direct: bool = F
             overwrite=True,
             source_label=SOURCE_LABEL,
         )
-        return export_model(opts)
+        return make_test_model.commit_manifest(Path(out), export_model(opts))
 
 
 def main(argv: list[str] | None = None) -> int:

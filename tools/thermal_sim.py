@@ -7,12 +7,17 @@ own `GovernorService` reads it with the real sensor code and decides with the re
 the real engine generates, narrowed to the cores and paced by the pauses the decision says.
 Time is accelerated: one real second is `--accel` simulated seconds, and the governor runs on
 the simulated clock (its dwell and sensor period are the daemon's, in simulated seconds). The
-fixed run keeps every core busy with no governor, for the same duration. Prints JSON:
+fixed run keeps every core busy with no governor, for the same duration. Prints a table (one
+row per run: seconds above the limit, max temperature, tokens) and the share of tokens the
+governed run kept; `--json` prints JSON instead, `--json PATH` writes it to PATH as well:
 
     {"profile": "pi5", "limit_c": 80.0, "governed": {"seconds_above_limit": ..., "tokens": ...,
      "max_temp_c": ...}, "fixed": {...}}
 
     python tools/thermal_sim.py --profile pi5 --model DIR --seconds 60
+    python tools/thermal_sim.py --seconds 5 --json        # JSON on stdout, for scripts
+
+While it runs, a progress line per second goes to stderr (`--progress-every`, 0 for none).
 
 Model parameters per profile (no fan, a plastic case): the steady-state temperature rises by
 `per_core_c` for every busy core, from `ambient_c`, with time constant `tau_s`. They are chosen
@@ -66,7 +71,14 @@ def _zone(root: Path, temp_c: float) -> None:
 
 
 def run(
-    engine: Engine, profile: BoardProfile, seconds: float, accel: float, governed: bool, cores: int
+    engine: Engine,
+    profile: BoardProfile,
+    seconds: float,
+    accel: float,
+    governed: bool,
+    cores: int,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 1.0,
 ) -> dict[str, Any]:
     limit = THROTTLE_LIMIT_C[profile]
     # All cores busy settle 15 °C above the throttle limit; one core settles well below it.
@@ -85,17 +97,27 @@ def run(
 
     governor = GovernorService(config, max_threads=cores, now=0.0)
     engine.set_parallelism(cores)
-    state = {"last": start, "above": 0.0, "max": model.temp_c, "next_read": 0.0}
+    state = {"last": start, "above": 0.0, "max": model.temp_c, "next_read": 0.0, "steps": 0}
     decision: GovernorDecision = governor.decision
+    name = "governed" if governed else "fixed"
+    next_report = start
 
     def tick(now: float, busy: bool) -> None:
-        nonlocal decision
+        nonlocal decision, next_report
         dt = (now - state["last"]) * accel
         state["last"] = now
         temp = model.step(engine.parallelism if busy else 0.0, dt)
         state["max"] = max(state["max"], temp)
+        state["steps"] += busy
         if temp > limit:
             state["above"] += dt
+        if progress is not None and now >= next_report:
+            next_report = now + progress_every_s
+            progress(
+                f"thermal_sim: {name} {now - start:.0f}/{seconds:g} s, {temp:.1f} °C, "
+                f"{engine.parallelism} threads, {state['steps']} tokens, "
+                f"{state['above']:.0f} s above {limit:g} °C"
+            )
         if sim_now(now) < state["next_read"]:
             return
         state["next_read"] = sim_now(now) + config.interval_s
@@ -169,14 +191,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=bench if bench.is_dir() else toy)
     ap.add_argument("--seconds", type=float, default=30.0, help="real seconds per run")
     ap.add_argument("--accel", type=float, default=20.0, help="simulated seconds per second")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="print JSON instead of the table; with PATH, write it there and print the table",
+    )
+    ap.add_argument(
+        "--progress-every",
+        type=float,
+        default=1.0,
+        help="a progress line on stderr this often, in real seconds (0: none)",
+    )
     args = ap.parse_args(argv)
     # Spinning off, as the daemon runs by default (model.spin_threads): threads narrowed onto
     # fewer cores then take turns instead of spinning against each other.
     engine = Engine.load(args.model, EngineOptions(threads=0, context_length=512, spin=False))
     cores = len(engine.cores.cores)
-    fixed = run(engine, args.profile, args.seconds, args.accel, governed=False, cores=cores)
-    governed = run(engine, args.profile, args.seconds, args.accel, governed=True, cores=cores)
+    say = _stderr if args.progress_every > 0 else None
+    runs = {}
+    for name in ("fixed", "governed"):
+        runs[name] = run(
+            engine,
+            args.profile,
+            args.seconds,
+            args.accel,
+            governed=name == "governed",
+            cores=cores,
+            progress=say,
+            progress_every_s=args.progress_every,
+        )
+    fixed, governed = runs["fixed"], runs["governed"]
     report = {
         "profile": args.profile,
         "limit_c": THROTTLE_LIMIT_C[args.profile],
@@ -187,10 +234,37 @@ def main(argv: list[str] | None = None) -> int:
         "fixed": fixed,
         "tokens_kept": round(governed["tokens"] / max(1, fixed["tokens"]), 3),
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report for a person: one row per run, then how much the governor kept."""
+    limit = report["limit_c"]
+    fixed = report["fixed"]
+    lines = [
+        f"profile {report['profile']}, throttle limit {limit:g} °C, model {report['model']}, "
+        f"{report['cores']} cores, {fixed['simulated_s']} simulated s per run "
+        f"({report['accel']:g}x real time)",
+        "",
+        f"{'run':<36}{f's above {limit:g} °C':>16}{'max °C':>9}{'tokens':>10}",
+    ]
+    rows = (("fixed: every core, no governor", fixed), ("governed", report["governed"]))
+    for label, r in rows:
+        lines.append(
+            f"{label:<36}{r['seconds_above_limit']:>16.1f}{r['max_temp_c']:>9.1f}{r['tokens']:>10,}"
+        )
+    lines += ["", f"the governed run kept {report['tokens_kept']:.0%} of the fixed run's tokens"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

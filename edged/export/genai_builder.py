@@ -33,14 +33,17 @@ import json
 import logging
 import os
 import platform
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import venv
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,12 @@ because transformers 5 rewrites them and the source checkpoint's originals are a
 
 _PRECISIONS = {"int4": "int4", "fp32": "fp32"}
 _NOISE = re.compile(r"^(\d{4}-\d\d-\d\d |Saving |\d+it \[|Loading |Reading )")
+
+HEARTBEAT_S = 10.0
+"""A slow pip step says it is still running at least this often: pip is silent for a minute
+while it unpacks torch, and a bar sitting at 0 % looks like a hang."""
+_PIP_NEWS = re.compile(r"^(Collecting|Downloading|Installing collected|Successfully installed) ")
+"""pip's lines worth relaying: what it fetches and when it starts and ends installing."""
 
 
 class GenaiBuildError(ExportError):
@@ -126,6 +135,63 @@ def _run(cmd: Sequence[str | Path], what: str, env: dict[str, str] | None = None
     return proc.stdout
 
 
+def progress_writer(enabled: bool) -> Callable[[str], None]:
+    """Where the venv's progress lines go: stderr, above the export's bars, when progress is
+    enabled (it is a user waiting at a terminal); else the log."""
+    if not enabled:
+        return lambda line: log.info("%s", line)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return lambda line: print(line, file=sys.stderr, flush=True)
+    return lambda line: tqdm.write(line, file=sys.stderr)
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for raw in stream:
+        lines.put(raw.rstrip("\n").split("\r")[-1].strip())
+    lines.put(None)
+
+
+def run_reporting(
+    cmd: Sequence[str | Path],
+    what: str,
+    say: Callable[[str], None],
+    every_s: float = HEARTBEAT_S,
+) -> None:
+    """Run a slow command like `_run`, telling `say` what it does while it runs: pip's own
+    notable lines, and "still running (N s)" whenever `every_s` passed without news."""
+    tail: deque[str] = deque(maxlen=25)
+    lines: queue.Queue[str | None] = queue.Queue()
+    started = time.monotonic()
+    next_beat = started + every_s
+    with subprocess.Popen(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    ) as proc:
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                say(f"{what}: still running ({time.monotonic() - started:.0f} s)")
+                next_beat = time.monotonic() + every_s
+                continue
+            if line is None:
+                break
+            if line:
+                tail.append(line)
+            if _PIP_NEWS.match(line):
+                say(f"{what}: {line}")
+                next_beat = time.monotonic() + every_s
+        code = proc.wait()
+    if code != 0:
+        raise GenaiBuildError(f"{what} failed (exit {code}): " + "\n".join(tail))
+
+
 def _stamp_matches(venv_dir: Path, requirements: Sequence[str]) -> bool:
     stamp = venv_dir / _STAMP
     if not (stamp.is_file() and genai_python(venv_dir).exists()):
@@ -137,7 +203,9 @@ def _stamp_matches(venv_dir: Path, requirements: Sequence[str]) -> bool:
     return data.get("requirements") == list(requirements)
 
 
-def _refuse_cuda_wheels(pip: list[str], requirements: Sequence[str], venv_dir: Path) -> None:
+def _refuse_cuda_wheels(
+    pip: list[str], requirements: Sequence[str], venv_dir: Path, say: Callable[[str], None]
+) -> None:
     """Resolve without installing and refuse a plan that contains a CUDA torch or nvidia-* wheels.
 
     On x86_64 Linux the PyPI torch is the CUDA build (plus ~3 GB of nvidia-* wheels); the CPU
@@ -146,9 +214,10 @@ def _refuse_cuda_wheels(pip: list[str], requirements: Sequence[str], venv_dir: P
     """
     with tempfile.TemporaryDirectory(prefix="edged-pip-report-") as tmp:
         report_path = Path(tmp) / "report.json"
-        _run(
+        run_reporting(
             [*pip, "install", "--dry-run", "--quiet", "--report", report_path, *requirements],
             f"resolving {venv_dir} requirements",
+            say,
         )
         report = json.loads(report_path.read_text())
     cuda = []
@@ -173,11 +242,12 @@ def _refuse_cuda_wheels(pip: list[str], requirements: Sequence[str], venv_dir: P
         )
 
 
-def ensure_genai_venv() -> Path:
+def ensure_genai_venv(progress: bool = True) -> Path:
     """Create the onnxruntime-genai virtualenv if it is missing or stale; return its directory.
 
     Idempotent: a stamp file records the installed requirement set, and a venv whose stamp
-    matches is returned as is without touching pip.
+    matches is returned as is without touching pip. Creating it takes a minute or two; with
+    `progress` its steps, pip's lines and a heartbeat go to stderr (else to the log).
     """
     venv_dir = genai_venv_path()
     requirements = genai_requirements()
@@ -186,13 +256,20 @@ def ensure_genai_venv() -> Path:
     with _venv_lock(venv_dir):
         if _stamp_matches(venv_dir, requirements):
             return venv_dir
+        say = progress_writer(progress)
+        say(f"creating the onnxruntime-genai virtualenv in {venv_dir} (once; 1-2 minutes)")
         if not genai_python(venv_dir).exists():
-            log.info("creating the onnxruntime-genai virtualenv in %s", venv_dir)
             venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)
         pip = [str(genai_python(venv_dir)), "-m", "pip", "--disable-pip-version-check"]
-        _refuse_cuda_wheels(pip, requirements, venv_dir)
-        log.info("installing %s into %s", " ".join(requirements), venv_dir)
-        _run([*pip, "install", "--quiet", *requirements], f"pip install into {venv_dir}")
+        _refuse_cuda_wheels(pip, requirements, venv_dir, say)
+        say(f"installing {' '.join(requirements)}")
+        # --progress-bar off: pip's bars are noise through a pipe; its lines and the heartbeat
+        # say what is happening.
+        run_reporting(
+            [*pip, "install", "--progress-bar", "off", *requirements],
+            "genai venv: pip install",
+            say,
+        )
         probe = _run(
             [
                 genai_python(venv_dir),
@@ -212,7 +289,7 @@ def ensure_genai_venv() -> Path:
             )
         stamp = {"requirements": list(requirements), "versions": versions}
         (venv_dir / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
-        log.info("genai virtualenv ready: %s", versions)
+        say(f"genai virtualenv ready: {versions}")
     return venv_dir
 
 
@@ -404,7 +481,7 @@ def build(opts: Any, workdir: Path) -> Path:
         shutil.rmtree(staged)
     cache = workdir / "genai-cache"
 
-    venv_dir = ensure_genai_venv()
+    venv_dir = ensure_genai_venv(bool(_opt(opts, "progress", False)))
     checkpoint = _stage_checkpoint(source, _opt(opts, "context_length"), staged)
     cmd = builder_command(
         genai_python(venv_dir),
