@@ -245,8 +245,10 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
+        # Messages reach the engine from clients (a wearer's question, a gateway's history):
+        # control tokens they write must stay text.
         text = self.tokenizer.render(
-            messages, add_generation_prompt=add_generation_prompt, **kwargs
+            messages, add_generation_prompt=add_generation_prompt, defuse=True, **kwargs
         )
         return self.tokenizer.encode(text)
 

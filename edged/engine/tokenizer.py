@@ -142,15 +142,19 @@ class ChatTokenizer:
         self,
         messages: Sequence[Message],
         add_generation_prompt: bool = True,
+        defuse: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text for `messages`, exactly as transformers' apply_chat_template."""
+        """The prompt text for `messages`, exactly as transformers' apply_chat_template. With
+        `defuse`, control tokens written in the messages' text stay text (`_defused`): for
+        what a client sent; off for the project's own data (eval sets whose assistant turns
+        hold `<think>` blocks the template must see)."""
         if self._template is None:
             raise ModelDirError("the model directory has no chat template (chat_template.jinja)")
         context = dict(self.special_tokens)
         context.update(template_kwargs)
         return self._template.render(
-            messages=[self._defused(m) for m in messages],
+            messages=[self._defused(m) for m in messages] if defuse else list(messages),
             add_generation_prompt=add_generation_prompt,
             **context,
         )
