@@ -22,7 +22,7 @@ from edged.clinical.window import summarize
 from edged.config.models import ClinicalConfig, RedFlagConfig
 from edged.domain import Vitals, VitalStat
 from edged.mqtt.messages import parse_vitals
-from edged.mqtt.payloads import alert_payload
+from edged.mqtt.payloads import alert_id, alert_payload
 
 FLAGS = RedFlagConfig()
 T0 = 1_764_064_800.0
@@ -231,13 +231,23 @@ def test_should_alert_is_false_below_low_medium() -> None:
 
 def test_alert_payload_has_the_api_fields() -> None:
     triage = assess([v(spo2=85, resp_rate=26, events=["fall"])], FLAGS)
-    alert = alert_payload("w1", T0, triage)
-    assert set(alert) == {"alert_id", "wearer", "ts", "severity", "news2", "red_flags", "message"}
+    alert = alert_payload("w1", T0, triage, alert_id="a1", node="n1")
+    # API.md's fields, and `node` (a v1.1 addition: which member of a share group raised it).
+    assert set(alert) == {
+        "alert_id", "node", "wearer", "ts", "severity", "news2", "red_flags", "message"
+    }  # fmt: skip
     assert set(alert["news2"]) == {"score", "risk", "missing", "components"}
     assert alert["severity"] == "high" and alert["red_flags"] == ["spo2_low", "fall"]
     assert alert["news2"]["components"] == {"resp_rate": 3, "spo2": 3, "on_oxygen": 0}
     assert "on_oxygen" in alert["news2"]["missing"]
     assert "Partial score" in alert["message"]
+
+
+def test_alert_id_is_the_same_for_the_same_summary_and_differs_otherwise() -> None:
+    # Every member of a share group, and this node after a redelivery, computes the same id.
+    summary = b'{"ts": 1764064800, "spo2": 85}'
+    assert alert_id("w1", summary) == alert_id("w1", summary)
+    assert len({alert_id("w1", summary), alert_id("w2", summary), alert_id("w1", b"{}")}) == 3
 
 
 # -- prompts and the guard --------------------------------------------------------------------

@@ -393,6 +393,7 @@ def test_retained_status_has_the_api_fields(daemon: Daemon, broker: PrivateBroke
             "decode_tps",
             "uptime_s",
             "ts",
+            "group",  # API.md v1.1: null outside a share group
         }
         assert body["state"] == "online" and body["model"] == "tiny-qwen3-int4"
     finally:

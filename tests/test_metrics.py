@@ -144,6 +144,7 @@ def _snapshot(**changes: Any) -> Metrics:
         uptime_s=12.5,
         answered_stored=0,
         model_load_s=None,
+        group_members=None,
         counters=CounterValues(answered=5, advice=2, errors=4, by_label={"errors": {"busy": 4}}),
     )
     return replace(base, **changes)

@@ -76,6 +76,13 @@ class MqttConfig(Section):
         False, description="accept reply topics outside {prefix}/v1/{wearer}/"
     )
     max_outbox: int = Field(1000, ge=10, description="replies held while the broker is unreachable")
+    share_group: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="scale out: nodes with the same group take queries from one MQTT 5 shared "
+        "subscription ($share/<group>/...) and share the wearers' alerts (docs/scale-out.md); "
+        "unset: this node serves every query itself",
+    )
 
     @model_validator(mode="after")
     def _one_password(self) -> MqttConfig:

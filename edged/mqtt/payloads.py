@@ -7,8 +7,8 @@ surprise for a gateway in the field.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 from typing import Any
 
 from edged.clinical.advice import GuardedAdvice
@@ -89,6 +89,7 @@ def guard_json(advice: GuardedAdvice) -> dict[str, Any]:
 def status_payload(
     *,
     state: str,
+    group: str | None,
     version: str,
     model: str | None,
     threads: int | None,
@@ -112,14 +113,26 @@ def status_payload(
         "decode_tps": round(decode_tps, 2) if decode_tps is not None else None,
         "uptime_s": int(uptime_s),
         "ts": int(ts),
+        "group": group,
     }
 
 
-def alert_payload(wearer: str, ts: float, triage: Triage) -> dict[str, Any]:
-    """API.md, Alert. `ts` is the summary's own time: when the condition was measured."""
+def alert_id(wearer: str, summary: bytes) -> str:
+    """API.md v1.1: derived from the wearer and the triggering summary's bytes, so every node
+    of a share group, and this node after a crash and redelivery, gives one alert one id, and
+    consumers drop the ids they have seen."""
+    return hashlib.sha256(wearer.encode() + b"\x00" + summary).hexdigest()[:32]
+
+
+def alert_payload(
+    wearer: str, ts: float, triage: Triage, *, alert_id: str, node: str
+) -> dict[str, Any]:
+    """API.md, Alert. `ts` is the summary's own time: when the condition was measured. `node`
+    (a v1.1 addition) names the node that raised it."""
     n = triage.news2
     return {
-        "alert_id": uuid.uuid4().hex,
+        "alert_id": alert_id,
+        "node": node,
         "wearer": wearer,
         "ts": int(ts),
         "severity": triage.severity,

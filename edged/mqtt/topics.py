@@ -62,9 +62,39 @@ class Topics:
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_node_base", f"{base}{NODE_LEVEL}")
 
-    def subscriptions(self) -> list[tuple[str, int]]:
-        """(topic filter, QoS) pairs the daemon subscribes to."""
-        return [(f"{self._base}+/{kind}", 1) for kind in INBOUND_KINDS]
+    def subscriptions(self, share_group: str | None = None) -> list[tuple[str, int]]:
+        """(topic filter, QoS) pairs the daemon subscribes to. In a share group, queries come
+        on a connection of their own (`shared_queries`) and the node statuses are read to
+        know the group's live members."""
+        if share_group is None:
+            return [(f"{self._base}+/{kind}", 1) for kind in INBOUND_KINDS]
+        return [
+            (f"{self._base}+/vitals", 1),
+            (f"{self._base}+/cancel", 1),
+            (f"{self._node_base}/+/status", 1),
+            # The owners' alerts, seen by their backups (service/group.py, AlertBackup); QoS 0:
+            # one missed is at worst a duplicate with the same alert_id.
+            (f"{self._base}+/alert", 0),
+        ]
+
+    def shared_queries(self, share_group: str) -> list[tuple[str, int]]:
+        """The share group's query subscription (API.md v1.1, share groups)."""
+        return [(f"$share/{share_group}/{self._base}+/query", 1)]
+
+    def is_alert(self, topic: str) -> bool:
+        return (
+            topic.startswith(self._base)
+            and topic.endswith("/alert")
+            and topic.count("/") == (self._base.count("/") + 1)
+        )
+
+    def status_node(self, topic: str) -> str | None:
+        """The node whose status `topic` is, or None when it is not a node status topic."""
+        prefix = self._node_base + "/"
+        if not topic.startswith(prefix) or not topic.endswith("/status"):
+            return None
+        node = topic[len(prefix) : -len("/status")]
+        return node if is_valid_wearer(node) else None
 
     def parse(self, topic: str) -> Inbound:
         """The wearer and kind of an inbound topic.

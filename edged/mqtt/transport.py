@@ -48,6 +48,10 @@ class AckToken:
     mid: int
     qos: int
     connection: int
+    link: str = ""
+    """The client id of the connection that received the message: a node in a share group has
+    a second connection for its queries, and an acknowledgement must go back on the one the
+    message came in on."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +129,18 @@ class MqttTransport:
         cfg: MqttConfig,
         client_id: str,
         subscriptions: Sequence[tuple[str, int]],
-        will: tuple[str, bytes],
+        will: tuple[str, bytes] | None,
         on_message: Callable[[InboundMessage], None],
         on_ready: Callable[[], None] | None = None,
+        receive_maximum: int | None = None,
     ) -> None:
+        """`receive_maximum`: MQTT 5 Receive Maximum, the QoS 1 messages the broker may have
+        unacknowledged at this client (its default is 65535)."""
         self._cfg = cfg
         self._client_id = client_id
         self._subscriptions = list(subscriptions)
         self._will = will
+        self._receive_maximum = receive_maximum
         self._on_message_cb = on_message
         self._on_ready_cb = on_ready
         self._protocol = mqtt.MQTTv5
@@ -147,7 +155,8 @@ class MqttTransport:
         self._pending: dict[int, Callable[[], None]] = {}
         self._early: dict[int, float] = {}
         self._rng = random.Random()
-        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+        name = "mqtt-network" if will is not None else f"mqtt-{client_id}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- public ----------------------------------------------------------------------------
 
@@ -164,6 +173,10 @@ class MqttTransport:
     def alive(self) -> bool:
         """The network thread runs (connected or reconnecting)."""
         return self._thread.is_alive()
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
 
     @property
     def protocol(self) -> str:
@@ -257,8 +270,9 @@ class MqttTransport:
         client.connect_timeout = cfg.connect_timeout_s
         client.max_queued_messages_set(cfg.max_outbox)
         apply_credentials(client, cfg)
-        will_topic, will_payload = self._will
-        client.will_set(will_topic, will_payload, qos=1, retain=True)
+        if self._will is not None:
+            will_topic, will_payload = self._will
+            client.will_set(will_topic, will_payload, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -309,18 +323,25 @@ class MqttTransport:
             if self._client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                 break
 
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._cfg.session_expiry_s
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
+        return props
+
     def _connect_once(self) -> bool:
         cfg = self._cfg
         self._connection += 1
         self._connack = None
-        props = None
-        if self._protocol == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = cfg.session_expiry_s
         try:
             if self._protocol == mqtt.MQTTv5:
                 self._client.connect(
-                    cfg.host, cfg.port, cfg.keepalive_s, clean_start=False, properties=props
+                    cfg.host,
+                    cfg.port,
+                    cfg.keepalive_s,
+                    clean_start=False,
+                    properties=self._connect_properties(),
                 )
             else:
                 self._client.connect(cfg.host, cfg.port, cfg.keepalive_s)
@@ -453,7 +474,7 @@ class MqttTransport:
             retain=bool(msg.retain),
             response_topic=response_topic if isinstance(response_topic, str) else None,
             correlation_data=bytes(correlation) if correlation is not None else None,
-            ack=AckToken(msg.mid, msg.qos, self._connection),
+            ack=AckToken(msg.mid, msg.qos, self._connection, self._client_id),
         )
         try:
             self._on_message_cb(message)

@@ -39,6 +39,7 @@ from edged.scheduler import Scheduler
 from edged.service.answer_store import AnswerStore
 from edged.service.delivery import Delivery
 from edged.service.dispatcher import Dispatcher
+from edged.service.group import GroupMembership, query_link
 from edged.service.homeassistant import announcer
 from edged.service.metrics import Counters, Metrics, status_bytes, total
 from edged.service.model_loading import load_model
@@ -72,8 +73,8 @@ class Daemon:
         )
         self._alerts = AlertGate(clinical.alert_cooldown_s, clinical.max_wearers)
         self._scheduler = Scheduler(config.limits.queue_size)
-        # One per counting thread: network (dispatcher), delivery, worker.
-        self._counts = (Counters(), Counters(), Counters())
+        # One per counting thread: network (dispatcher), delivery, worker, a group's queries.
+        self._counts = (Counters(), Counters(), Counters(), Counters())
         self._state = NodeState.STARTING
         self._started_at = time.monotonic()
         self._stopping = threading.Event()
@@ -86,35 +87,34 @@ class Daemon:
         self.transport = MqttTransport(
             config.mqtt,
             config.client_id,
-            self.topics.subscriptions(),
+            self.topics.subscriptions(config.mqtt.share_group),
             will=(self.topics.status(), encode({"state": NodeState.OFFLINE.value})),
             on_message=lambda msg: self._dispatcher.on_message(msg),
             on_ready=self._on_ready,
         )
+        # In a share group, queries come on a connection of their own (service/group.py).
+        queries = query_link(config, self.topics, lambda msg: self._queries.on_message(msg))
+        self._links = [self.transport, *([queries] if queries else [])]
         self._wire(Path(config.delivery.state_dir))
 
     def _wire(self, state_dir: Path) -> None:
         config, decision = self._current_config, self._decision
-        self._outbox = Outbox(self.transport)
+        self._outbox = Outbox(*self._links)
         self._store = AnswerStore(
             state_dir / "answered.sqlite3", self._config.delivery.answered_ttl_s
         )
-        network_counts, delivery_counts, worker_counts = self._counts
+        network_counts, delivery_counts, worker_counts, query_counts = self._counts
         self._delivery = Delivery(
             self._store, self._scheduler, self._outbox, delivery_counts, config, decision
         )
         model = self.backend.info.name if self.backend else None
         self._announcer = announcer(self._config, self.topics, model, self._outbox)
-        self._dispatcher = Dispatcher(
-            self.topics,
-            config,
-            self._vitals,
-            self._alerts,
-            self._outbox,
-            self._delivery,
-            network_counts,
-            self._announcer,
-        )
+        parts = (self.topics, config, self._vitals, self._alerts, self._outbox, self._delivery)
+        group = self._config.mqtt.share_group
+        members = group and GroupMembership(group, self.topics.node, self._config.status.interval_s)
+        self._members = members or None
+        self._dispatcher = Dispatcher(*parts, network_counts, self._announcer, self._members)
+        self._queries = Dispatcher(*parts, query_counts)
         self._worker = Worker(
             self.backend,
             self._scheduler,
@@ -149,7 +149,8 @@ class Daemon:
         self._delivery.start()
         self._worker.start()
         self._ticker.start()
-        self.transport.start()
+        for link in self._links:
+            link.start()
         c = self._config
         if c.metrics.listen is not None:
             self.metrics_server = serve_metrics(c.metrics.listen, self.metrics)
@@ -165,7 +166,8 @@ class Daemon:
 
     def wait_ready(self, timeout: float) -> bool:
         """Connected to the broker and subscribed: a query published now reaches this node."""
-        return self.transport.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        return all(link.wait_ready(max(deadline - time.monotonic(), 0)) for link in self._links)
 
     def stop(self) -> None:
         """Graceful stop: take no new queries (they stay queued at the broker), let the running
@@ -191,11 +193,10 @@ class Daemon:
         self._outbox.wait_flushed(5.0)
         self._state = NodeState.OFFLINE
         done = threading.Event()
-        self.transport.publish(
-            self.topics.status(), status_bytes(self.metrics()), retain=True, on_acked=done.set
-        )
+        self.transport.publish(self.topics.status(), self._status(), retain=True, on_acked=done.set)
         done.wait(3.0)
-        self.transport.stop()
+        for link in reversed(self._links):
+            link.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()  # before the store it counts closes
         self._store.close()
@@ -210,7 +211,7 @@ class Daemon:
         and worker threads alive, and the worker not stuck inside one decode step (or one idle
         wait) for longer than service.stall_timeout_s. A broker that is down is *not*
         unhealthy: restarting the daemon would not bring it back, and reconnecting is running."""
-        if not self.transport.alive:
+        if not all(link.alive for link in self._links):
             return False, "MQTT network thread died"
         if not self._delivery.alive:
             return False, "delivery thread died"
@@ -271,11 +272,15 @@ class Daemon:
             uptime_s=time.monotonic() - self._started_at,
             answered_stored=len(self._store),
             model_load_s=self._model_load_s,
+            group_members=len(self._members.live(time.time())) if self._members else None,
             counters=counters,
         )
 
     def publish_status(self) -> None:
-        self._outbox.send(Publish(self.topics.status(), status_bytes(self.metrics()), retain=True))
+        self._outbox.send(Publish(self.topics.status(), self._status(), retain=True))
+
+    def _status(self) -> bytes:
+        return status_bytes(self.metrics(), self._config.mqtt.share_group)
 
     def _on_ready(self) -> None:
         """Connected and subscribed, first or again: the retained messages, afresh."""

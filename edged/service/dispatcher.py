@@ -16,11 +16,22 @@ from edged.config.models import EdgedConfig
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import InboundMessage
 from edged.service.delivery import Delivery
+from edged.service.group import GroupMembership
 from edged.service.handlers import InboundContext, handle
 from edged.service.homeassistant import DiscoveryAnnouncer
 from edged.service.metrics import Counters
 from edged.service.outbox import Outbox
-from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish, WearerSeen
+from edged.service.outcomes import (
+    Accept,
+    Ack,
+    AlertSeen,
+    CancelQuery,
+    Count,
+    HoldAlert,
+    Outcome,
+    Publish,
+    WearerSeen,
+)
 
 
 class Dispatcher:
@@ -34,12 +45,14 @@ class Dispatcher:
         delivery: Delivery,
         counters: Counters,
         announcer: DiscoveryAnnouncer | None = None,
+        membership: GroupMembership | None = None,
     ) -> None:
         self._topics = topics
         self._config = config
         self._vitals = vitals
         self._alerts = alerts
-        self._context = InboundContext(topics, config(), vitals, alerts)
+        self._membership = membership
+        self._context = InboundContext(topics, config(), vitals, alerts, membership)
         self._outbox = outbox
         self._delivery = delivery
         self._counters = counters
@@ -50,9 +63,18 @@ class Dispatcher:
         ctx = self._context
         config = self._config()
         if ctx.config is not config:  # a reload swapped the snapshot
-            ctx = self._context = InboundContext(self._topics, config, self._vitals, self._alerts)
-        for outcome in handle(msg, ctx, time.time(), time.monotonic()):
+            ctx = self._context = InboundContext(
+                self._topics, config, self._vitals, self._alerts, self._membership
+            )
+        now = time.monotonic()
+        for outcome in handle(msg, ctx, time.time(), now):
             self.carry_out(outcome)
+        if self._membership is not None:
+            # Every message is a tick here (the node's own status comes back every
+            # status.interval_s): held alerts whose owner stayed silent go out.
+            for alert in self._membership.backup.due(now):
+                self._outbox.send(alert)
+                self._counters.add("alerts")
 
     def carry_out(self, outcome: Outcome) -> None:
         # Most frequent first: every vitals summary is a Count and an Ack.
@@ -66,3 +88,17 @@ class Dispatcher:
             self._delivery.submit(outcome)
         elif isinstance(outcome, WearerSeen) and self._announcer is not None:
             self._announcer.wearer_seen(outcome.wearer)
+        elif isinstance(outcome, (HoldAlert, AlertSeen)) and self._membership is not None:
+            self._carry_out_backup(outcome)
+
+    def _carry_out_backup(self, outcome: HoldAlert | AlertSeen) -> None:
+        backup = self._membership.backup if self._membership is not None else None
+        if backup is None:
+            return
+        if isinstance(outcome, HoldAlert):
+            if not backup.hold(outcome.alert_id, outcome.alert, time.monotonic()):
+                self._outbox.ack_all(outcome.alert.ack_after)  # the owner was first
+            return
+        held = backup.seen(outcome.alert_id, time.monotonic())
+        if held is not None:  # the owner has it at the broker: the summary is safe
+            self._outbox.ack_all(held.ack_after)

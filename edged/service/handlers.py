@@ -8,6 +8,7 @@ here, on the network thread, the moment they arrive: the alert path never waits 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -18,11 +19,22 @@ from edged.config.models import EdgedConfig
 from edged.mqtt.errors import ProtocolError
 from edged.mqtt.fhir import parse_fhir_vitals
 from edged.mqtt.messages import decode_payload, parse_cancel, parse_query, parse_vitals
-from edged.mqtt.payloads import alert_payload, encode
+from edged.mqtt.payloads import alert_id, alert_payload, encode
 from edged.mqtt.routing import error_route, reply_route, unreadable_route
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import AckToken, InboundMessage
-from edged.service.outcomes import Accept, Ack, CancelQuery, Count, Outcome, Publish, WearerSeen
+from edged.service.group import GroupMembership
+from edged.service.outcomes import (
+    Accept,
+    Ack,
+    AlertSeen,
+    CancelQuery,
+    Count,
+    HoldAlert,
+    Outcome,
+    Publish,
+    WearerSeen,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,8 @@ class InboundContext:
     """The snapshot current when the message arrived."""
     vitals: VitalsState
     alerts: AlertGate
+    membership: GroupMembership | None = None
+    """The share group's members (mqtt.share_group), None outside a group."""
 
 
 # Outcomes that carry no data are shared, not built per message (the vitals path is hot).
@@ -57,6 +71,10 @@ def handle(
 ) -> list[Outcome]:
     """The outcomes of one message received at `wall_time` (time.time(): the vitals window's
     clock) and `monotonic` (time.monotonic(): deadlines count from there)."""
+    if ctx.membership is not None:
+        group_outcomes = handle_group(msg, ctx, ctx.membership)
+        if group_outcomes is not None:
+            return group_outcomes
     try:
         inbound = ctx.topics.parse(msg.topic)
     except ProtocolError as err:
@@ -84,12 +102,43 @@ def handle_vitals(
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
     if not ctx.alerts.check(wearer, triage, now):
         return [_VITALS, *seen, Ack(msg.ack)]
-    log.info("alert for %s: severity %s", wearer, triage.severity)
+    role = ctx.membership.role(wearer, now) if ctx.membership is not None else "owner"
+    if role == "none":
+        # Another member raises it; this one keeps the same alert memory (cooldown) so that
+        # if the wearer moves here it goes on where the owner left off.
+        return [_VITALS, *seen, Ack(msg.ack)]
     # Acknowledged only once the alert is safe at the broker: a crash in between means the
-    # summary is redelivered and the alert raised again, never lost.
-    alert = encode(alert_payload(wearer, vitals.ts, triage))
-    raised = Count("alerts", label=triage.severity)
-    return [_VITALS, raised, *seen, Publish(ctx.topics.alert(wearer), alert, ack_after=(msg.ack,))]
+    # summary is redelivered and the alert raised again (same alert_id), never lost.
+    body = alert_payload(
+        wearer,
+        vitals.ts,
+        triage,
+        alert_id=alert_id(wearer, msg.payload),
+        node=ctx.topics.node,
+    )
+    publish = Publish(ctx.topics.alert(wearer), encode(body), ack_after=(msg.ack,))
+    if role == "backup":
+        return [_VITALS, *seen, HoldAlert(body["alert_id"], publish)]
+    log.info("alert for %s: severity %s", wearer, triage.severity)
+    return [_VITALS, Count("alerts", label=triage.severity), *seen, publish]
+
+
+def handle_group(
+    msg: InboundMessage, ctx: InboundContext, membership: GroupMembership
+) -> list[Outcome] | None:
+    """A share group's own traffic: a member's status, or an alert (seen by its backup); None
+    for any other message."""
+    node = ctx.topics.status_node(msg.topic)
+    if node is not None:
+        membership.observe(node, msg.payload)
+        return [Ack(msg.ack)]
+    if ctx.topics.is_alert(msg.topic):
+        try:
+            seen = json.loads(msg.payload).get("alert_id")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            seen = None
+        return [AlertSeen(seen)] if isinstance(seen, str) else []
+    return None
 
 
 def handle_cancel(wearer: str, msg: InboundMessage, ctx: InboundContext) -> list[Outcome]:

@@ -114,6 +114,8 @@ class Metrics:
     """Replies kept in the answered store for redeliveries (delivery.answered_ttl_s)."""
     model_load_s: float | None
     """How long loading the model took at start; None without a model."""
+    group_members: int | None
+    """Live members of this node's share group, itself included; None outside a group."""
     counters: CounterValues
 
     def to_json(self) -> dict[str, object]:
@@ -129,11 +131,13 @@ class Metrics:
         )
 
 
-def status_bytes(m: Metrics) -> bytes:
-    """The retained status payload (API.md, Node status) of a snapshot."""
+def status_bytes(m: Metrics, group: str | None) -> bytes:
+    """The retained status payload (API.md, Node status) of a snapshot; `group`: the node's
+    share group (API.md v1.1)."""
     return encode(
         status_payload(
             state=m.state.value,
+            group=group,
             version=__version__,
             model=m.model,
             threads=m.threads,

@@ -15,8 +15,11 @@ from edged.service.outcomes import Publish
 
 
 class Outbox:
-    def __init__(self, transport: MqttTransport) -> None:
+    def __init__(self, transport: MqttTransport, *links: MqttTransport) -> None:
+        """Publishes go out on `transport`; `links` are further connections whose inbound
+        messages are acknowledged through this outbox (a share group's query connection)."""
         self._transport = transport
+        self._links = {t.client_id: t for t in (transport, *links)}
 
     def send(self, message: Publish) -> bool:
         """False when the transport dropped the message (then nothing is acknowledged)."""
@@ -32,11 +35,11 @@ class Outbox:
         )
 
     def ack(self, token: AckToken) -> None:
-        self._transport.ack(token)
+        self._links.get(token.link, self._transport).ack(token)
 
     def ack_all(self, tokens: Iterable[AckToken]) -> None:
         for token in tokens:
-            self._transport.ack(token)
+            self.ack(token)
 
     def wait_flushed(self, timeout: float) -> bool:
         """Wait until the broker has acknowledged everything sent with `ack_after`."""

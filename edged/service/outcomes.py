@@ -67,7 +67,23 @@ class WearerSeen:
     wearer: str
 
 
-Outcome = Publish | Ack | Accept | CancelQuery | Count | WearerSeen
+@dataclass(frozen=True)
+class HoldAlert:
+    """Share groups: this node is the wearer's backup; publish `alert` only if the owner's copy
+    (the same alert_id) is not seen in time (service/group.py, AlertBackup)."""
+
+    alert_id: str
+    alert: Publish
+
+
+@dataclass(frozen=True)
+class AlertSeen:
+    """Share groups: an alert was published (by its owner, or by this node)."""
+
+    alert_id: str
+
+
+Outcome = Publish | Ack | Accept | CancelQuery | Count | WearerSeen | HoldAlert | AlertSeen
 
 
 # -- what the worker hands to the delivery owner -----------------------------------------------

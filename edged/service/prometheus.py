@@ -89,6 +89,11 @@ def _gauges(m: Metrics) -> Iterator[Metric]:
         ("edged_answered_store_entries", "Replies kept for redeliveries", m.answered_stored),
         ("edged_model_load_seconds", "Time the model took to load at start", m.model_load_s),
         ("edged_uptime_seconds", "Time since the daemon started", m.uptime_s),
+        (
+            "edged_group_members",
+            "Live members of the share group, this node included",
+            m.group_members,
+        ),
         ("edged_broker_connected", "1 when the broker accepted the connection", int(m.connected)),
         ("edged_ready", "1 when subscribed: queries published now reach this node", int(m.ready)),
     )

@@ -1,0 +1,190 @@
+"""A share group (`mqtt.share_group`): several nodes on one broker serving as one.
+
+Queries are spread by the broker (an MQTT 5 shared subscription, on a connection of the node's
+own, see `query_link`); vitals reach every node, and each wearer's alerts are published by one
+live member only, chosen by rendezvous (highest-random-weight) hashing of the wearer id over the
+members. Membership is read from the retained node statuses: a member is live while its status
+says `online` or `degraded`, names this group and is fresh. When a member leaves (its Last Will,
+a graceful stop, or a status gone stale) only its own wearers move, each to the member that
+scores highest among those left; the others keep their owner (Thaler and Ravishankar, "Using
+name-based mappings to increase hit rates", IEEE/ACM ToN 1998).
+
+The membership is owned by the main connection's network thread: statuses and vitals both
+arrive there, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from edged.config.models import EdgedConfig
+from edged.domain import NodeState
+from edged.mqtt.topics import Topics
+from edged.mqtt.transport import InboundMessage, MqttTransport
+from edged.service.outcomes import Publish
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = (NodeState.ONLINE.value, NodeState.DEGRADED.value)
+"""A degraded member still answers (triage alone) and still raises alerts."""
+ALERT_GRACE_S = 2.0
+"""How long a backup waits for the owner's copy of an alert before publishing its own: the
+owner publishes within milliseconds of the summary; two seconds is slack for a loaded board."""
+STALE_PERIODS = 2.0
+"""A member whose last status is older than this many status periods (plus a second of clock
+skew) has left: it stopped without its Last Will reaching us, or its clock is far off."""
+
+
+def rendezvous_rank(wearer: str, nodes: Iterable[str]) -> list[str]:
+    """`nodes` by their hash of (node, wearer), highest first: the first owns the wearer, the
+    second is its backup. Every member computes the same order from the same set of nodes."""
+    scored = (
+        (hashlib.blake2b(f"{node}\x00{wearer}".encode(), digest_size=8).digest(), node)
+        for node in nodes
+    )
+    return [node for _, node in sorted(scored, reverse=True)]
+
+
+def rendezvous_owner(wearer: str, nodes: Iterable[str]) -> str | None:
+    ranked = rendezvous_rank(wearer, nodes)
+    return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    group: str | None
+    state: str
+    ts: float | None
+    """The status' own time (UNIX seconds): how fresh it is."""
+
+
+def read_status(payload: bytes) -> MemberStatus | None:
+    """A node status (API.md) as far as membership needs it; None for an unreadable one, or
+    an empty retained message (a status deleted at the broker)."""
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("state"), str):
+        return None
+    group, ts = body.get("group"), body.get("ts")
+    return MemberStatus(
+        group if isinstance(group, str) else None,
+        body["state"],
+        float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None,
+    )
+
+
+class GroupMembership:
+    """This node's view of its group, from the node statuses it has read."""
+
+    def __init__(self, group: str, me: str, status_interval_s: float) -> None:
+        self.group = group
+        self.me = me
+        self.stale_after_s = STALE_PERIODS * status_interval_s + 1.0
+        self._members: dict[str, MemberStatus] = {}
+        self.backup = AlertBackup(ALERT_GRACE_S)
+
+    def observe(self, node: str, payload: bytes) -> None:
+        status = read_status(payload)
+        if status is None:
+            self._members.pop(node, None)
+        else:
+            self._members[node] = status
+
+    def live(self, now: float) -> list[str]:
+        """The live members, this node always among them (it is running this code)."""
+        nodes = [self.me]
+        # A copy: the metrics snapshot reads this from another thread (dict() is atomic).
+        for node, status in dict(self._members).items():
+            if node == self.me or status.group != self.group or status.state not in LIVE_STATES:
+                continue
+            if status.ts is not None and now - status.ts > self.stale_after_s:
+                continue
+            nodes.append(node)
+        return nodes
+
+    def role(self, wearer: str, now: float) -> str:
+        """`owner` (publishes `wearer`'s alerts), `backup` (publishes them only if the owner's
+        copy does not appear: the owner may have died without its Last Will reaching the
+        broker yet), or `none`. `now`: time.time()."""
+        ranked = rendezvous_rank(wearer, self.live(now))
+        if ranked[0] == self.me:
+            return "owner"
+        return "backup" if ranked[1:2] == [self.me] else "none"
+
+
+class AlertBackup:
+    """Alerts this node holds as a wearer's backup, by alert_id. The owner publishes the same
+    alert (the same summary gives the same alert_id) within milliseconds; when its copy is not
+    seen on the alert topic within `grace_s`, the owner is presumed dead and the backup
+    publishes. A duplicate (the owner was only slow) carries the same alert_id, and consumers
+    drop it; a lost alert cannot be dropped back in.
+
+    Held and seen on the main connection's network thread, made due from the ticker's as well,
+    hence the lock.
+    """
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._held: dict[str, tuple[float, Publish]] = {}
+        self._seen: dict[str, float] = {}
+        """Alert ids seen before this node held them (the owner was faster), until when."""
+        self._lock = threading.Lock()
+
+    def hold(self, alert_id: str, alert: Publish, now: float) -> bool:
+        """Hold `alert`; False when the owner's copy was already seen (nothing to hold)."""
+        with self._lock:
+            if self._seen.pop(alert_id, None) is not None:
+                return False
+            self._held.setdefault(alert_id, (now + self.grace_s, alert))
+            return True
+
+    def seen(self, alert_id: str, now: float) -> Publish | None:
+        """The owner's copy arrived: the held alert, to acknowledge its summary, or None (then
+        remembered for a while, in case this node's own copy of the summary comes later)."""
+        with self._lock:
+            held = self._held.pop(alert_id, None)
+            if held is None:
+                self._seen[alert_id] = now + 10 * self.grace_s
+                if len(self._seen) > 1000:  # bounded: the oldest go first
+                    for key in [k for k, until in self._seen.items() if until <= now]:
+                        del self._seen[key]
+        return held[1] if held else None
+
+    def due(self, now: float) -> list[Publish]:
+        """Held alerts whose owner's copy did not come in time: to publish now."""
+        with self._lock:
+            late = [k for k, (deadline, _) in self._held.items() if deadline <= now]
+            return [self._held.pop(k)[1] for k in late]
+
+
+def query_link(
+    config: EdgedConfig, topics: Topics, on_message: Callable[[InboundMessage], None]
+) -> MqttTransport | None:
+    """The share group's query connection, or None outside a group.
+
+    Queries are held unacknowledged until answered (API.md, Delivery), so on the main
+    connection they would fill its window of unacknowledged QoS 1 messages and stop the vitals
+    and cancels behind them (measured: docs/scale-out-mosquitto.md, Q5). On a connection of
+    their own, a Receive Maximum of one running query plus the queue keeps the rest at the
+    broker instead of a `busy` reply. Its session persists like the main one: mosquitto keeps
+    giving a dead member its share of the queries until that client id comes back
+    (docs/scale-out.md).
+    """
+    group = config.mqtt.share_group
+    if group is None:
+        return None
+    return MqttTransport(
+        config.mqtt,
+        f"{config.client_id}-queries",
+        topics.shared_queries(group),
+        will=None,
+        on_message=on_message,
+        receive_maximum=config.limits.queue_size + 1,
+    )

@@ -1,0 +1,276 @@
+"""Several nodes on one broker as one service (mqtt.share_group, issue #15): queries answered
+exactly once by the group, each wearer's alerts from exactly one node, and nothing lost when a
+node is SIGKILLed and restarted. Real mosquitto, real daemons, loopback only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edged.service.broker import PrivateBroker
+from edged.service.daemon import Daemon
+from edged.service.group import GroupMembership, read_status, rendezvous_owner
+from tests._mqtt import DaemonProcess, P, TestClient, daemon_config
+
+GROUP = "ward"
+NODES = ("node-a", "node-b", "node-c")
+# Enough to raise an alert (NEWS2 >= 5) for any wearer; each summary its own ts so that the
+# deterministic alert_id differs per summary.
+HIGH_RISK = {"heart_rate": 135, "spo2": 89, "resp_rate": 27, "temp_c": 39.4}
+
+
+# -- the policy, without a broker ------------------------------------------------------------
+
+
+def test_rendezvous_moves_only_the_leaving_nodes_wearers() -> None:
+    wearers = [f"w{i:03d}" for i in range(300)]
+    before = {w: rendezvous_owner(w, NODES) for w in wearers}
+    counts = Counter(before.values())
+    assert set(counts) == set(NODES) and min(counts.values()) > 60  # spread over all three
+    after = {w: rendezvous_owner(w, ("node-a", "node-c")) for w in wearers}
+    moved = {w for w in wearers if before[w] != after[w]}
+    assert moved == {w for w in wearers if before[w] == "node-b"}
+    # The order the members are listed in does not matter: every node computes the same.
+    assert all(rendezvous_owner(w, reversed(NODES)) == before[w] for w in wearers)
+
+
+def _status(state: str, ts: float | None, group: str | None = GROUP) -> bytes:
+    return json.dumps({"state": state, "group": group, "ts": ts}).encode()
+
+
+def test_membership_counts_live_members_of_this_group_only() -> None:
+    now = 1_800_000_000.0
+    m = GroupMembership(GROUP, "node-a", status_interval_s=30)
+    m.observe("node-b", _status("online", now - 10))
+    m.observe("node-c", _status("degraded", now))  # triage-only answers still count
+    m.observe("node-d", _status("online", now, group="other"))
+    m.observe("node-e", _status("online", now, group=None))
+    assert sorted(m.live(now)) == ["node-a", "node-b", "node-c"]
+    m.observe("node-b", b'{"state":"offline"}')  # its Last Will
+    m.observe("node-c", _status("online", now - 62))  # stale: > 2 periods + 1 s
+    assert m.live(now) == ["node-a"]
+    m.observe("node-c", b"")  # its retained status deleted
+    assert read_status(b"not json") is None and m.live(now) == ["node-a"]
+
+
+def test_a_backup_publishes_only_what_the_owner_did_not() -> None:
+    from edged.service.group import AlertBackup
+    from edged.service.outcomes import Publish
+
+    backup = AlertBackup(grace_s=2.0)
+    a, b, c = (Publish(f"edged/v1/w{i}/alert", b"{}") for i in range(3))
+    assert backup.hold("a", a, now=0.0) and backup.hold("b", b, now=0.0)
+    assert backup.seen("a", now=1.0) is a  # the owner's copy came: a is not published
+    assert backup.due(now=1.9) == []
+    assert backup.due(now=2.0) == [b]  # b's owner stayed silent
+    assert backup.seen("c", now=3.0) is None  # the owner was faster than this node...
+    assert not backup.hold("c", c, now=3.1)  # ...so there is nothing to hold
+    assert backup.due(now=10.0) == []
+
+
+# -- real daemons ----------------------------------------------------------------------------
+
+
+def _group_config(node: str, port: int, state: Path, **sections: Any) -> dict[str, Any]:
+    return daemon_config(
+        port,
+        state,
+        node_id=node,
+        mqtt={"share_group": GROUP, "keepalive_s": 5},
+        status={"interval_s": 1},
+        limits={"default_max_tokens": 8},
+        **sections,
+    )
+
+
+def _wait_members(daemons: list[Daemon], count: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(d.metrics().group_members == count for d in daemons):
+            return
+        time.sleep(0.1)
+    raise AssertionError([d.metrics().group_members for d in daemons])
+
+
+Seen = dict[str, list[dict[str, Any]]]
+
+
+def _collect(gateway: TestClient, expected: set[str], wearers: int) -> tuple[Seen, Seen]:
+    """Advice by query id and alerts by wearer, until all came (then a second more: anything
+    late would be a duplicate)."""
+    answers: Seen = defaultdict(list)
+    alerts: Seen = defaultdict(list)
+    deadline = time.monotonic() + 60
+    done = False
+    while time.monotonic() < deadline:
+        for r in gateway.drain(1.0 if done else 0.5):
+            body = r.json()
+            if r.topic.endswith("/advice"):
+                answers[body["id"]].append(body)
+            elif r.topic.endswith("/alert"):
+                alerts[body["wearer"]].append(body)
+        if done:
+            break
+        done = set(answers) == expected and len(alerts) >= wearers
+    return answers, alerts
+
+
+def test_three_nodes_answer_every_query_once_and_alert_each_wearer_from_one_node(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    from edged.config.loader import parse_config
+
+    daemons = []
+    gateway = TestClient(broker.port, [f"{P}/+/advice", f"{P}/+/alert", f"{P}/_node/+/status"])
+    try:
+        for node in NODES:
+            config = _group_config(node, broker.port, tmp_path / node)
+            daemon = Daemon(parse_config(config))
+            daemon.start()
+            assert daemon.wait_ready(10)
+            daemons.append(daemon)
+        _wait_members(daemons, 3)
+        statuses = {r.json().get("group") for r in gateway.drain(0.2) if "/_node/" in r.topic}
+        assert statuses == {GROUP}
+        wearers = [f"w{i:03d}" for i in range(100)]
+        for i, wearer in enumerate(wearers):
+            gateway.publish(f"{P}/{wearer}/vitals", {"ts": time.time(), **HIGH_RISK})
+            if i % 2 == 0:
+                gateway.publish(f"{P}/{wearer}/query", {"id": f"q{i}", "text": "Am I ok?"})
+        expected = {f"q{i}" for i in range(0, 100, 2)}
+        answers, alerts = _collect(gateway, expected, 100)
+    finally:
+        gateway.close()
+        for daemon in daemons:
+            daemon.stop()
+    assert set(answers) == expected
+    assert all(len(copies) == 1 for copies in answers.values()), "a query answered twice"
+    by_node = Counter(copies[0]["node"] for copies in answers.values())
+    assert set(by_node) == set(NODES), by_node  # the broker spread them over all three
+    assert set(alerts) == set(wearers)
+    for wearer, raised in alerts.items():
+        assert len(raised) == 1, f"{wearer}: {len(raised)} alerts"
+        assert raised[0]["node"] == rendezvous_owner(wearer, NODES)
+
+
+def test_a_killed_node_loses_nothing_when_it_restarts(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """SIGKILL one of two nodes while queries are in flight, restart it as systemd would (same
+    node id, so the same sessions): every query is answered, copies are byte-identical, and
+    every wearer still gets its alert."""
+    procs = {}
+    for node in NODES[:2]:
+        # Slow enough that the killed node holds queries when it dies.
+        config = _group_config(node, broker.port, tmp_path / node, governor={"pause_ms": 60})
+        (tmp_path / node).mkdir()
+        procs[node] = DaemonProcess(config, tmp_path / node)
+        procs[node].start()
+    gateway = TestClient(broker.port, [f"{P}/+/advice", f"{P}/+/alert"], persistent=True)
+    try:
+        for proc in procs.values():
+            proc.wait_log("topic filters: ready", count=2)  # both connections
+        time.sleep(2.5)  # each has read the other's status
+        ids = [f"k{i}" for i in range(12)]
+        for i, qid in enumerate(ids):
+            gateway.publish(f"{P}/w{i % 6}/query", {"id": qid, "text": "Am I ok?"})
+        victim = procs["node-b"]
+        victim.wait_log("answered", timeout=30)
+        victim.kill()
+        wearers = [f"v{i:02d}" for i in range(20)]
+        for wearer in wearers:  # vitals while node-b is dead: node-a takes its wearers
+            gateway.publish(f"{P}/{wearer}/vitals", {"ts": time.time(), **HIGH_RISK})
+        time.sleep(1.0)
+        victim.start()  # systemd's Restart=
+        answers: dict[str, set[bytes]] = defaultdict(set)
+        alerts: dict[str, set[str]] = defaultdict(set)
+        deadline = time.monotonic() + 90
+        while (set(answers) != set(ids) or set(alerts) != set(wearers)) and (
+            time.monotonic() < deadline
+        ):
+            for r in gateway.drain(0.5):
+                body = r.json()
+                if r.topic.endswith("/advice"):
+                    answers[body["id"]].add(r.payload)
+                else:
+                    alerts[body["wearer"]].add(body["alert_id"])
+    finally:
+        gateway.close()
+        for proc in procs.values():
+            proc.stop()
+    assert set(answers) == set(ids), f"lost: {set(ids) - set(answers)}"
+    assert all(len(copies) == 1 for copies in answers.values()), "copies differ"
+    assert set(alerts) == set(wearers), f"alerts lost: {set(wearers) - set(alerts)}"
+    # Duplicates (a handover) carry one alert_id: a consumer dropping seen ids sees one alert.
+    assert all(len(ids_) == 1 for ids_ in alerts.values())
+
+
+def test_without_a_group_the_node_takes_queries_on_its_one_connection(
+    start_daemon: Callable[..., Daemon], broker: PrivateBroker
+) -> None:
+    daemon = start_daemon()
+    assert daemon.metrics().group_members is None
+    gateway = TestClient(broker.port, [f"{P}/w1/advice", f"{P}/_node/+/status"])
+    try:
+        gateway.publish(f"{P}/w1/query", {"id": "solo", "text": "hi"})
+        reply = gateway.wait_for(lambda r: r.topic.endswith("/advice"))
+        assert reply.json()["node"] == "test-node"
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "has space", "+", "#"])
+def test_a_share_group_name_that_cannot_be_a_topic_level_is_a_config_error(bad: str) -> None:
+    from edged.config.loader import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="mqtt.share_group"):
+        parse_config(daemon_config(1883, Path("/tmp/x"), mqtt={"share_group": bad}))
+
+
+def test_a_backup_raises_the_alert_when_the_owner_is_frozen(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """The owner hangs (SIGSTOP: its connection stays open, so no Last Will for 1.5 x
+    keepalive): the wearer's backup publishes the alert after its grace period instead of
+    losing it; when the owner wakes and raises it too, the copy has the same alert_id."""
+    import signal
+
+    from edged.config.loader import parse_config
+
+    (tmp_path / "node-b").mkdir()
+    owner = DaemonProcess(
+        _group_config("node-b", broker.port, tmp_path / "node-b"), tmp_path / "node-b"
+    )
+    owner.start()
+    backup = Daemon(parse_config(_group_config("node-a", broker.port, tmp_path / "node-a")))
+    backup.start()
+    gateway = TestClient(broker.port, [f"{P}/+/alert"])
+    try:
+        owner.wait_log("topic filters: ready", count=2)
+        assert backup.wait_ready(10)
+        _wait_members([backup], 2)
+        wearer = next(
+            w for w in (f"w{i}" for i in range(100)) if rendezvous_owner(w, NODES[:2]) == "node-b"
+        )
+        assert owner.proc is not None
+        owner.proc.send_signal(signal.SIGSTOP)
+        sent = time.monotonic()
+        gateway.publish(f"{P}/{wearer}/vitals", {"ts": time.time(), **HIGH_RISK})
+        first = gateway.wait_for(lambda r: r.topic.endswith("/alert"), timeout=15)
+        assert first.json()["node"] == "node-a" and time.monotonic() - sent >= 1.5
+        owner.proc.send_signal(signal.SIGCONT)
+        late = gateway.wait_for(lambda r: r.topic.endswith("/alert"), timeout=20)
+        assert late.json()["node"] == "node-b"
+        assert late.json()["alert_id"] == first.json()["alert_id"]
+    finally:
+        gateway.close()
+        backup.stop()
+        if owner.proc is not None:
+            owner.proc.send_signal(signal.SIGCONT)
+        owner.stop()
