@@ -43,3 +43,16 @@ def test_model_info_into_a_pipe_that_closes_early_is_quiet() -> None:
         ["bash", "-c", shell], capture_output=True, text=True, timeout=120, cwd=REPO
     )
     assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+
+
+def test_the_demo_shows_readable_advice_and_says_what_the_model_is() -> None:
+    """`make demo`, the README's main job: a private broker, the daemon on the bundled demo
+    model and simulated wearers; every question answered, advice as text, not a repr."""
+    out = _edged("demo", "--seconds", "90", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert text.count("  advice   ") == 2 and "  error    invalid_json" in text
+    assert "  alert    w-bob: " in text and "triage: NEWS2" in text
+    assert "{'" not in text and "weights are random" not in text
+    assert "not a medical model" in text  # the bundled model's manifest says what it is
+    assert text.rstrip().endswith("stopped: daemon and broker")
