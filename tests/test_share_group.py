@@ -47,31 +47,35 @@ def _status(state: str, ts: float | None, group: str | None = GROUP) -> bytes:
 def test_membership_counts_live_members_of_this_group_only() -> None:
     now = 1_800_000_000.0
     m = GroupMembership(GROUP, "node-a", status_interval_s=30)
-    m.observe("node-b", _status("online", now - 10))
-    m.observe("node-c", _status("degraded", now))  # triage-only answers still count
-    m.observe("node-d", _status("online", now, group="other"))
-    m.observe("node-e", _status("online", now, group=None))
+    m.observe("node-b", _status("online", now - 10), 0.0)
+    m.observe("node-c", _status("degraded", now), 0.0)  # triage-only answers still count
+    m.observe("node-d", _status("online", now, group="other"), 0.0)
+    m.observe("node-e", _status("online", now, group=None), 0.0)
     assert sorted(m.live(now)) == ["node-a", "node-b", "node-c"]
-    m.observe("node-b", b'{"state":"offline"}')  # its Last Will
-    m.observe("node-c", _status("online", now - 62))  # stale: > 2 periods + 1 s
+    m.observe("node-b", b'{"state":"offline"}', 0.0)  # its Last Will
+    m.observe("node-c", _status("online", now - 62), 0.0)  # stale: > 2 periods + 1 s
     assert m.live(now) == ["node-a"]
-    m.observe("node-c", b"")  # its retained status deleted
+    m.observe("node-c", b"", 0.0)  # its retained status deleted
     assert read_status(b"not json") is None and m.live(now) == ["node-a"]
 
 
-def test_a_backup_publishes_only_what_the_owner_did_not() -> None:
+def test_a_backup_publishes_only_what_a_silent_owner_did_not() -> None:
     from edged.service.group import AlertBackup
     from edged.service.outcomes import Publish
 
-    backup = AlertBackup(grace_s=2.0)
-    a, b, c = (Publish(f"edged/v1/w{i}/alert", b"{}") for i in range(3))
-    assert backup.hold("a", a, now=0.0) and backup.hold("b", b, now=0.0)
+    backup = AlertBackup(grace_s=3.0)
+    a, b, c, d = (Publish(f"edged/v1/w{i}/alert", b"{}") for i in range(4))
+    assert backup.hold("a", a, "node-b", now=0.0) and backup.hold("b", b, "node-b", now=0.0)
+    assert backup.hold("d", d, "node-c", now=0.0)
     assert backup.seen("a", now=1.0) is a  # the owner's copy came: a is not published
-    assert backup.due(now=1.9) == []
-    assert backup.due(now=2.0) == [b]  # b's owner stayed silent
-    assert backup.seen("c", now=3.0) is None  # the owner was faster than this node...
-    assert not backup.hold("c", c, now=3.1)  # ...so there is nothing to hold
-    assert backup.due(now=10.0) == []
+    # node-c publishes a status after d was held: alive, and withholding d on purpose (its
+    # cooldown for that wearer); d is released, not published.
+    assert backup.alive("node-c", now=1.5) == [d]
+    assert backup.due(now=2.9) == []
+    assert backup.due(now=3.0) == [b]  # node-b showed no sign of life
+    assert backup.seen("c", now=4.0) is None  # the owner was faster than this node...
+    assert not backup.hold("c", c, "node-b", now=4.1)  # ...so there is nothing to hold
+    assert backup.due(now=20.0) == []
 
 
 # -- real daemons ----------------------------------------------------------------------------
@@ -274,3 +278,42 @@ def test_a_backup_raises_the_alert_when_the_owner_is_frozen(
         if owner.proc is not None:
             owner.proc.send_signal(signal.SIGCONT)
         owner.stop()
+
+
+def test_a_backup_does_not_raise_what_a_live_owner_withholds_in_its_cooldown(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """A node that joins knows no alert history: as a wearer's backup it must not publish an
+    alert that the (alive) owner withholds because it alerted that wearer moments ago."""
+    from edged.config.loader import parse_config
+
+    def start(node: str) -> Daemon:
+        daemon = Daemon(parse_config(_group_config(node, broker.port, tmp_path / node)))
+        daemon.start()
+        assert daemon.wait_ready(10)
+        return daemon
+
+    wearer = next(
+        w
+        for w in (f"w{i}" for i in range(1000))
+        if rendezvous_owner(w, NODES[:2]) == "node-a"
+        and rendezvous_owner(w, NODES) == "node-a"
+        and rendezvous_owner(w, ("node-b", "node-c")) == "node-c"  # node-c: the backup
+    )
+    daemons = [start("node-a"), start("node-b")]
+    gateway = TestClient(broker.port, [f"{P}/+/alert"])
+    try:
+        _wait_members(daemons, 2)
+        gateway.publish(f"{P}/{wearer}/vitals", {"ts": time.time(), **HIGH_RISK})
+        first = gateway.wait_for(lambda r: r.topic.endswith("/alert"))
+        assert first.json()["node"] == "node-a"
+        daemons.append(start("node-c"))
+        _wait_members(daemons, 3)
+        gateway.publish(f"{P}/{wearer}/vitals", {"ts": time.time(), **HIGH_RISK})
+        # node-a is in its cooldown for this wearer; node-c holds, sees node-a's next status
+        # (every second here) and lets it go. Its grace is 1 s + 2 s: wait past it.
+        assert [r for r in gateway.drain(5.0) if r.topic.endswith("/alert")] == []
+    finally:
+        gateway.close()
+        for daemon in daemons:
+            daemon.stop()

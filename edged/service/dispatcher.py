@@ -96,7 +96,7 @@ class Dispatcher:
         if backup is None:
             return
         if isinstance(outcome, HoldAlert):
-            if not backup.hold(outcome.alert_id, outcome.alert, time.monotonic()):
+            if not backup.hold(outcome.alert_id, outcome.alert, outcome.owner, time.monotonic()):
                 self._outbox.ack_all(outcome.alert.ack_after)  # the owner was first
             return
         held = backup.seen(outcome.alert_id, time.monotonic())

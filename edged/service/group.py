@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 LIVE_STATES = (NodeState.ONLINE.value, NodeState.DEGRADED.value)
 """A degraded member still answers (triage alone) and still raises alerts."""
-ALERT_GRACE_S = 2.0
-"""How long a backup waits for the owner's copy of an alert before publishing its own: the
-owner publishes within milliseconds of the summary; two seconds is slack for a loaded board."""
+ALERT_SLACK_S = 2.0
+"""A backup waits one status period and this much for a sign of life from the owner (its copy
+of the alert, or any status) before publishing the alert itself: slack for a loaded board."""
 STALE_PERIODS = 2.0
 """A member whose last status is older than this many status periods (plus a second of clock
 skew) has left: it stopped without its Last Will reaching us, or its clock is far off."""
@@ -88,14 +88,17 @@ class GroupMembership:
         self.me = me
         self.stale_after_s = STALE_PERIODS * status_interval_s + 1.0
         self._members: dict[str, MemberStatus] = {}
-        self.backup = AlertBackup(ALERT_GRACE_S)
+        self.backup = AlertBackup(status_interval_s + ALERT_SLACK_S)
 
-    def observe(self, node: str, payload: bytes) -> None:
+    def observe(self, node: str, payload: bytes, now: float) -> list[Publish]:
+        """Record `node`'s status (`now`: time.monotonic()); the alerts this node held as its
+        backup and no longer needs to publish, when the status shows the owner alive."""
         status = read_status(payload)
         if status is None:
             self._members.pop(node, None)
-        else:
-            self._members[node] = status
+            return []
+        self._members[node] = status
+        return self.backup.alive(node, now) if status.state in LIVE_STATES else []
 
     def live(self, now: float) -> list[str]:
         """The live members, this node always among them (it is running this code)."""
@@ -109,41 +112,56 @@ class GroupMembership:
             nodes.append(node)
         return nodes
 
-    def role(self, wearer: str, now: float) -> str:
-        """`owner` (publishes `wearer`'s alerts), `backup` (publishes them only if the owner's
-        copy does not appear: the owner may have died without its Last Will reaching the
-        broker yet), or `none`. `now`: time.time()."""
+    def role(self, wearer: str, now: float) -> tuple[str, str]:
+        """(`owner`, this node): it publishes `wearer`'s alerts; (`backup`, the owner): it
+        publishes them only if the owner shows no sign of life (it may have died without its
+        Last Will reaching the broker yet); (`none`, the owner). `now`: time.time()."""
         ranked = rendezvous_rank(wearer, self.live(now))
         if ranked[0] == self.me:
-            return "owner"
-        return "backup" if ranked[1:2] == [self.me] else "none"
+            return "owner", self.me
+        return ("backup" if ranked[1:2] == [self.me] else "none"), ranked[0]
+
+
+@dataclass(frozen=True)
+class HeldAlert:
+    deadline: float
+    alert: Publish
+    owner: str
+    since: float
 
 
 class AlertBackup:
-    """Alerts this node holds as a wearer's backup, by alert_id. The owner publishes the same
-    alert (the same summary gives the same alert_id) within milliseconds; when its copy is not
-    seen on the alert topic within `grace_s`, the owner is presumed dead and the backup
-    publishes. A duplicate (the owner was only slow) carries the same alert_id, and consumers
-    drop it; a lost alert cannot be dropped back in.
+    """Alerts this node holds as a wearer's backup, by alert_id, until the owner shows it is
+    alive: its copy of the alert (the same summary gives the same alert_id), or a status
+    received after the alert was held (an owner that stays silent on purpose, because the
+    wearer is in its alert cooldown, still publishes its status every period). With no sign
+    within `grace_s` the owner is presumed dead and the backup publishes. A duplicate (the
+    owner was only slow) carries the same alert_id, and consumers drop it; a lost alert
+    cannot be dropped back in.
 
-    Held and seen on the main connection's network thread, made due from the ticker's as well,
-    hence the lock.
+    Used on the main connection's network thread; the lock makes the metrics' reads safe.
     """
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
-        self._held: dict[str, tuple[float, Publish]] = {}
+        self._held: dict[str, HeldAlert] = {}
         self._seen: dict[str, float] = {}
         """Alert ids seen before this node held them (the owner was faster), until when."""
         self._lock = threading.Lock()
 
-    def hold(self, alert_id: str, alert: Publish, now: float) -> bool:
+    def hold(self, alert_id: str, alert: Publish, owner: str, now: float) -> bool:
         """Hold `alert`; False when the owner's copy was already seen (nothing to hold)."""
         with self._lock:
             if self._seen.pop(alert_id, None) is not None:
                 return False
-            self._held.setdefault(alert_id, (now + self.grace_s, alert))
+            self._held.setdefault(alert_id, HeldAlert(now + self.grace_s, alert, owner, now))
             return True
+
+    def alive(self, owner: str, now: float) -> list[Publish]:
+        """`owner` published a status: the alerts held for it before now, released."""
+        with self._lock:
+            done = [k for k, h in self._held.items() if h.owner == owner and h.since < now]
+            return [self._held.pop(k).alert for k in done]
 
     def seen(self, alert_id: str, now: float) -> Publish | None:
         """The owner's copy arrived: the held alert, to acknowledge its summary, or None (then
@@ -152,16 +170,16 @@ class AlertBackup:
             held = self._held.pop(alert_id, None)
             if held is None:
                 self._seen[alert_id] = now + 10 * self.grace_s
-                if len(self._seen) > 1000:  # bounded: the oldest go first
+                if len(self._seen) > 1000:  # bounded: the expired go first
                     for key in [k for k, until in self._seen.items() if until <= now]:
                         del self._seen[key]
-        return held[1] if held else None
+        return held.alert if held else None
 
     def due(self, now: float) -> list[Publish]:
-        """Held alerts whose owner's copy did not come in time: to publish now."""
+        """Held alerts whose owner showed no sign of life in time: to publish now."""
         with self._lock:
-            late = [k for k, (deadline, _) in self._held.items() if deadline <= now]
-            return [self._held.pop(k)[1] for k in late]
+            late = [k for k, h in self._held.items() if h.deadline <= now]
+            return [self._held.pop(k).alert for k in late]
 
 
 def query_link(
@@ -172,8 +190,9 @@ def query_link(
     Queries are held unacknowledged until answered (API.md, Delivery), so on the main
     connection they would fill its window of unacknowledged QoS 1 messages and stop the vitals
     and cancels behind them (measured: docs/scale-out-mosquitto.md, Q5). On a connection of
-    their own, a Receive Maximum of one running query plus the queue keeps the rest at the
-    broker instead of a `busy` reply. Its session persists like the main one: mosquitto keeps
+    their own, a Receive Maximum of one running query plus the queue keeps the rest at a broker
+    that honours it instead of a `busy` reply (mosquitto 2.0.11 sends past it once the client
+    acknowledges). Its session persists like the main one: mosquitto keeps
     giving a dead member its share of the queries until that client id comes back
     (docs/scale-out.md).
     """

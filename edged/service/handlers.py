@@ -72,7 +72,7 @@ def handle(
     """The outcomes of one message received at `wall_time` (time.time(): the vitals window's
     clock) and `monotonic` (time.monotonic(): deadlines count from there)."""
     if ctx.membership is not None:
-        group_outcomes = handle_group(msg, ctx, ctx.membership)
+        group_outcomes = handle_group(msg, ctx, ctx.membership, monotonic)
         if group_outcomes is not None:
             return group_outcomes
     try:
@@ -102,7 +102,7 @@ def handle_vitals(
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
     if not ctx.alerts.check(wearer, triage, now):
         return [_VITALS, *seen, Ack(msg.ack)]
-    role = ctx.membership.role(wearer, now) if ctx.membership is not None else "owner"
+    role, owner = ctx.membership.role(wearer, now) if ctx.membership else ("owner", "")
     if role == "none":
         # Another member raises it; this one keeps the same alert memory (cooldown) so that
         # if the wearer moves here it goes on where the owner left off.
@@ -118,20 +118,22 @@ def handle_vitals(
     )
     publish = Publish(ctx.topics.alert(wearer), encode(body), ack_after=(msg.ack,))
     if role == "backup":
-        return [_VITALS, *seen, HoldAlert(body["alert_id"], publish)]
+        return [_VITALS, *seen, HoldAlert(body["alert_id"], publish, owner)]
     log.info("alert for %s: severity %s", wearer, triage.severity)
     return [_VITALS, Count("alerts", label=triage.severity), *seen, publish]
 
 
 def handle_group(
-    msg: InboundMessage, ctx: InboundContext, membership: GroupMembership
+    msg: InboundMessage, ctx: InboundContext, membership: GroupMembership, monotonic: float
 ) -> list[Outcome] | None:
     """A share group's own traffic: a member's status, or an alert (seen by its backup); None
     for any other message."""
     node = ctx.topics.status_node(msg.topic)
     if node is not None:
-        membership.observe(node, msg.payload)
-        return [Ack(msg.ack)]
+        # The owner is alive: what this node held as its backup is the owner's to raise (or
+        # to withhold, in its cooldown); the summaries behind them are acknowledged.
+        released = membership.observe(node, msg.payload, monotonic)
+        return [Ack(msg.ack), *(Ack(t) for alert in released for t in alert.ack_after)]
     if ctx.topics.is_alert(msg.topic):
         try:
             seen = json.loads(msg.payload).get("alert_id")

@@ -74,6 +74,7 @@ class HoldAlert:
 
     alert_id: str
     alert: Publish
+    owner: str
 
 
 @dataclass(frozen=True)
