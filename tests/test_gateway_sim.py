@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +17,7 @@ from edged.config.loader import parse_config
 from edged.models import TINY_QWEN3_INT4
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
+from tests._mqtt import P, TestClient
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = TINY_QWEN3_INT4
@@ -134,3 +136,125 @@ def test_progress_every_zero_keeps_stderr_quiet(
     assert gateway_sim.main(argv) == 0
 
     assert "gateway_sim:" not in capsys.readouterr().err
+
+
+# -- a share group: who answered, what came twice (issue #15) -----------------------------------
+
+
+def _wait_until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_answers_and_alerts_are_reported_per_node_of_a_share_group(
+    start_daemon: Callable[..., Daemon], broker: PrivateBroker, tmp_path: Path
+) -> None:
+    nodes = [
+        start_daemon(
+            node_id=name,
+            mqtt={"share_group": "ward"},
+            delivery={"state_dir": str(tmp_path / name)},
+            clinical={"alert_cooldown_s": 0},
+        )
+        for name in ("node-a", "node-b")
+    ]
+    # Each sees the other's retained status before the first vitals: one owner per wearer.
+    assert _wait_until(lambda: all(n.metrics().group_members == 2 for n in nodes), 5.0)
+
+    result = gateway_sim.run_simulation(
+        "127.0.0.1",
+        broker.port,
+        wearers=6,
+        vitals_rate=20.0,
+        query_rate=1.0,
+        count=12,
+        deteriorating=3,
+        max_tokens=8,
+        reply_timeout_s=20.0,
+        seed=11,
+    )
+
+    assert result.ok, gateway_sim.format_report(result)
+    assert result.advice == 12 and result.duplicates == []
+    # The broker spreads queries over both members, and the report says who answered.
+    assert set(result.answers_by_node) == {"node-a", "node-b"}
+    assert sum(result.answers_by_node.values()) == result.advice
+    assert result.answered_while_sending <= result.advice
+    # Deteriorating wearers alert; each one's alerts come from one node, each with its own id.
+    assert result.alerts > 0
+    assert set(result.alerts_by_node) <= {"node-a", "node-b"}
+    assert sum(result.alerts_by_node.values()) == result.alerts
+    assert result.alerts_by_wearer, "no wearer alerted"
+    for wearer, seen in result.alerts_by_wearer.items():
+        assert len(seen["nodes"]) == 1, f"{wearer}: alerts from {seen['nodes']}"
+        assert seen["alert_ids"] == seen["alerts"], f"{wearer}: an alert_id came twice"
+    assert result.duplicate_alerts == 0
+    report = gateway_sim.format_report(result)
+    assert "answers by     node-a " in report and "node-b" in report
+    assert "raised by more than one node" in report
+
+
+def _repeat_first_reply(port: int, forge: bool, failures: list[str]) -> threading.Thread:
+    """Once the sim's first query is answered, make it answered twice: re-publish the query
+    (a gateway's retry; the daemon re-sends its stored reply) or, with `forge`, publish a
+    copy of the reply that differs (a responder that regenerated it)."""
+    client = TestClient(port, [f"{P}/+/query", f"{P}/+/sim/+"])
+
+    def run() -> None:
+        try:
+            query = client.wait_for(lambda r: r.topic.endswith("/query"), 10.0)
+            query_id = query.json()["id"]
+            reply = client.wait_for(
+                lambda r: "/sim/" in r.topic and r.json().get("id") == query_id, 10.0
+            )
+            if forge:
+                client.publish(reply.topic, {**reply.json(), "node": "impostor"})
+            else:
+                client.publish(query.topic, query.payload)
+        except AssertionError as exc:
+            failures.append(str(exc))
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("forge", "identical"), [(False, True), (True, False)])
+def test_a_query_answered_twice_is_reported_with_whether_the_copies_are_identical(
+    broker: PrivateBroker, daemon: Daemon, forge: bool, identical: bool
+) -> None:
+    failures: list[str] = []
+    repeater = _repeat_first_reply(broker.port, forge, failures)
+
+    result = gateway_sim.run_simulation(
+        "127.0.0.1",
+        broker.port,
+        wearers=1,
+        vitals_rate=2.0,
+        query_rate=1.0,
+        count=3,
+        reply_mode="reply-to",
+        max_tokens=8,
+        reply_timeout_s=10.0,
+        seed=5,
+    )
+    repeater.join(15.0)
+
+    assert failures == []
+    assert result.answered == 3 and result.missing == []
+    assert result.duplicate_replies == 1
+    assert not result.ok, "a query answered twice is a failed run"
+    [dup] = result.duplicates
+    assert dup["copies"] == 1 and dup["identical"] is identical
+    assert dup["nodes"] == ["sim-test-node", "impostor" if forge else "sim-test-node"]
+    # Answers count first replies only, so a copy does not inflate the node's share.
+    assert result.answers_by_node == {"sim-test-node": 3}
+    report = gateway_sim.format_report(result)
+    assert "duplicates     1 queries answered more than once" in report
+    assert ("identical" if identical else "DIFFERENT") in report

@@ -16,6 +16,13 @@ p50/p90/p99/max, and the vitals rate achieved; meanwhile a progress line goes to
 second (`--progress-every`, 0 for none). Exit status 0 when every query got exactly the
 reply it should (advice, or the error a deliberately invalid message asks for), 1 otherwise.
 
+Against a share group (API.md v1.1) nothing changes on the sending side: queries go to the
+usual `{prefix}/v1/{wearer}/query` topics and the broker spreads them over the group. The
+report then says who did the work: advice replies per answering node (the advice's `node`
+field), every query answered more than once and whether its copies are byte-identical (a
+redelivery must re-send the stored reply, never a new generation), and alerts per raising
+node and per wearer, with their distinct `alert_id`s (a duplicate alert carries the same id).
+
 Importable: `run_simulation(host, port, wearers=..., count=...) -> SimResult`, for tests and
 demos. It only talks to loopback brokers unless `allow_remote` / `--allow-remote` is given.
 """
@@ -267,6 +274,16 @@ class SimResult:
     query, the wrong code on an invalid one, advice on an invalid one), as `wearer/id: what`.
     `busy` is the contract's backpressure, counted in `errors` but not unexpected."""
     duplicate_replies: int = 0
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    """Queries answered more than once: `query` (wearer/id), `copies` (replies beyond the
+    first), `identical` (every copy byte-identical to the first), `nodes` (who sent each reply,
+    the first one first)."""
+    answers_by_node: dict[str, int] = field(default_factory=dict)
+    """Advice replies by the `node` that answered (first replies only, so the counts add up to
+    `advice`); `unknown` for advice without a `node`."""
+    answered_while_sending: int = 0
+    """Advice replies that arrived before the sending phase ended: with a load above the
+    daemons' capacity, divided by `send_s` it is their throughput."""
     unmatched_replies: int = 0
     """Replies on our topics that match no query of this run."""
     latency_ms: dict[str, Any] = field(default_factory=dict)
@@ -280,6 +297,13 @@ class SimResult:
     vitals_rate: float = 0.0
     """Vitals summaries published per second over the sending phase."""
     alerts: int = 0
+    alerts_by_node: dict[str, int] = field(default_factory=dict)
+    """Alerts by the `node` that raised them (`unknown` without one)."""
+    alerts_by_wearer: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per alerting wearer: `alerts` received, distinct `alert_ids`, and the `nodes` that
+    raised them (in a share group exactly one live node raises a wearer's alerts)."""
+    duplicate_alerts: int = 0
+    """Alerts whose `alert_id` had already arrived (a consumer drops them)."""
     stream_chunks: int = 0
     stream_mismatches: list[str] = field(default_factory=list)
     """Streamed queries whose chunks do not number 0.. in order or do not concatenate to the
@@ -308,6 +332,12 @@ class _Pending:
     stream: bool
     replied_at: float | None = None
     chunks: dict[int, str] = field(default_factory=dict)
+    reply: bytes = b""
+    """The first final reply, as received: later copies are compared with it."""
+    nodes: list[str] = field(default_factory=list)
+    """Who sent each final reply (advice names its node; an error names none)."""
+    identical: bool = True
+    """Every later copy of the final reply was byte-identical to the first."""
 
 
 # -- the simulation ---------------------------------------------------------------------------
@@ -315,6 +345,15 @@ class _Pending:
 
 class SimulationError(RuntimeError):
     pass
+
+
+UNKNOWN_NODE = "unknown"
+
+
+def _node_of(body: dict[str, Any]) -> str:
+    """The node that sent a reply or an alert (API.md v1.1 `node`), as a counting key."""
+    node = body.get("node")
+    return node if isinstance(node, str) and node else UNKNOWN_NODE
 
 
 @dataclass
@@ -392,9 +431,17 @@ class _Gateway:
         self.finish: Counter[str] = Counter()
         self.unexpected: list[str] = []
         self.duplicates = 0
+        self.answers_by_node: Counter[str] = Counter()
+        self.sending = True
+        """Cleared when the sending phase ends; advice before that is `answered_while_sending`."""
+        self.answered_while_sending = 0
         self.unmatched = 0
         self.vitals_errors = 0
         self.alerts = 0
+        self.alerts_by_node: Counter[str] = Counter()
+        self.alert_ids: dict[str, Counter[str]] = {}
+        """Per wearer: how often each alert_id arrived."""
+        self.alert_nodes: dict[str, set[str]] = {}
         self.chunks = 0
         self.stream_mismatches: list[str] = []
         self.outstanding = 0
@@ -483,14 +530,14 @@ class _Gateway:
         kind = levels[-1]
         with self.lock:
             if kind == "alert":
-                self.alerts += 1
+                self._on_alert(wearer, body)
             elif kind == "stream":
                 self._on_chunk(wearer, body)
             elif kind == "error" and correlation is None and body.get("id") is None:
                 # An error naming no query and carrying no Correlation Data: about vitals.
                 self.vitals_errors += 1
             else:
-                self._on_final(wearer, body, correlation, now)
+                self._on_final(wearer, body, correlation, now, bytes(msg.payload))
 
     def _key(
         self, wearer: str, body: dict[str, Any], correlation: bytes | None
@@ -508,18 +555,34 @@ class _Gateway:
         if item is not None and isinstance(body.get("seq"), int):
             item.chunks[body["seq"]] = str(body.get("delta", ""))
 
+    def _on_alert(self, wearer: str, body: dict[str, Any]) -> None:
+        self.alerts += 1
+        node = _node_of(body)
+        self.alerts_by_node[node] += 1
+        self.alert_nodes.setdefault(wearer, set()).add(node)
+        self.alert_ids.setdefault(wearer, Counter())[str(body.get("alert_id"))] += 1
+
     def _on_final(
-        self, wearer: str, body: dict[str, Any], correlation: bytes | None, now: float
+        self,
+        wearer: str,
+        body: dict[str, Any],
+        correlation: bytes | None,
+        now: float,
+        payload: bytes,
     ) -> None:
         key = self._key(wearer, body, correlation)
         item = self.pending.get(key) if key is not None else None
         if item is None:
             self.unmatched += 1
             return
+        node = _node_of(body)
+        item.nodes.append(node)
         if item.replied_at is not None:
             self.duplicates += 1
+            item.identical = item.identical and payload == item.reply
             return
         item.replied_at = now
+        item.reply = payload
         self.answered += 1
         elapsed_ms = (now - item.sent_at) * 1000
         name = f"{item.wearer}/{item.query_id}"
@@ -534,6 +597,9 @@ class _Gateway:
         else:
             self.finish[str(body.get("finish_reason"))] += 1
             self.advice_ms.append(elapsed_ms)
+            self.answers_by_node[node] += 1
+            if self.sending:
+                self.answered_while_sending += 1
             if item.expect != "advice":
                 self.unexpected.append(f"{name}: advice, expected error {item.expect}")
             elif item.stream:
@@ -584,6 +650,15 @@ class _Gateway:
         except RuntimeError:  # the connection is gone: nothing more will leave
             return False
         return last.is_published()
+
+
+def _duplicate(item: _Pending) -> dict[str, Any]:
+    return {
+        "query": f"{item.wearer}/{item.query_id}",
+        "copies": len(item.nodes) - 1,
+        "identical": item.identical,
+        "nodes": list(item.nodes),
+    }
 
 
 def _query_payload(
@@ -752,6 +827,8 @@ def run_simulation(
             )
             gateway.send_query(name, query_id, payload, "advice", stream)
         send_end = time.perf_counter()
+        with gateway.lock:
+            gateway.sending = False
         result.send_s = send_end - t0
         if not gateway.wait_flushed(DRAIN_TIMEOUT_S):
             log.warning("not every message reached the broker within %.0f s", DRAIN_TIMEOUT_S)
@@ -779,11 +856,26 @@ def run_simulation(
         result.missing = sorted(f"{p.wearer}/{p.query_id}" for p in items if p.replied_at is None)
         result.unexpected = list(gateway.unexpected)
         result.duplicate_replies = gateway.duplicates
+        result.duplicates = [_duplicate(p) for p in items if len(p.nodes) > 1]
+        result.answers_by_node = dict(sorted(gateway.answers_by_node.items()))
+        result.answered_while_sending = gateway.answered_while_sending
         result.unmatched_replies = gateway.unmatched
         result.latency_ms = latency_summary(gateway.advice_ms)
         result.error_latency_ms = latency_summary(gateway.error_ms)
         result.vitals_errors = gateway.vitals_errors
         result.alerts = gateway.alerts
+        result.alerts_by_node = dict(sorted(gateway.alerts_by_node.items()))
+        result.alerts_by_wearer = {
+            wearer: {
+                "alerts": sum(ids.values()),
+                "alert_ids": len(ids),
+                "nodes": sorted(gateway.alert_nodes[wearer]),
+            }
+            for wearer, ids in sorted(gateway.alert_ids.items())
+        }
+        result.duplicate_alerts = sum(
+            sum(ids.values()) - len(ids) for ids in gateway.alert_ids.values()
+        )
         result.stream_chunks = gateway.chunks
         result.stream_mismatches = list(gateway.stream_mismatches)
     result.vitals_rate = round(result.vitals_sent / result.send_s, 1) if result.send_s > 0 else 0.0
@@ -818,6 +910,7 @@ def format_report(r: SimResult) -> str:
         f"(invalid on purpose {r.invalid_vitals_sent}, errors back {r.vitals_errors})",
         f"alerts         {r.alerts}",
     ]
+    lines += _group_lines(r)
     if r.stream_chunks or r.stream_mismatches:
         lines.append(
             f"stream         {r.stream_chunks} chunks, "
@@ -834,6 +927,31 @@ def format_report(r: SimResult) -> str:
         lines.append(f"unexpected     {line}")
     lines.append(f"result         {'OK' if r.ok else 'FAILED'}")
     return "\n".join(lines)
+
+
+def _counts(by: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in by.items()) or "-"
+
+
+def _group_lines(r: SimResult) -> list[str]:
+    """Who did the work: answers and alerts per node, and what arrived more than once."""
+    lines = [f"answers by     {_counts(r.answers_by_node)}"]
+    if r.alerts:
+        split = sum(1 for w in r.alerts_by_wearer.values() if len(w["nodes"]) > 1)
+        lines.append(
+            f"alerts by      {_counts(r.alerts_by_node)}; {len(r.alerts_by_wearer)} wearers, "
+            f"{split} raised by more than one node, {r.duplicate_alerts} repeated alert_ids"
+        )
+    if r.duplicates:
+        same = sum(1 for d in r.duplicates if d["identical"])
+        lines.append(
+            f"duplicates     {len(r.duplicates)} queries answered more than once, "
+            f"{same} with byte-identical copies"
+        )
+        for d in r.duplicates[:10]:
+            copies = "identical" if d["identical"] else "DIFFERENT"
+            lines.append(f"               {d['query']}: {copies}, from {', '.join(d['nodes'])}")
+    return lines
 
 
 def _build_parser() -> argparse.ArgumentParser:
