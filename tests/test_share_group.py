@@ -163,6 +163,46 @@ def test_three_nodes_answer_every_query_once_and_alert_each_wearer_from_one_node
         assert raised[0]["node"] == rendezvous_owner(wearer, NODES)
 
 
+def test_gateway_sim_load_on_three_nodes_is_answered_once_with_each_wearers_alerts_from_one(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """#15's acceptance run: 3 nodes, 100 wearers, queries and vitals from gateway_sim."""
+    from _models import load_tool
+
+    from edged.config.loader import parse_config
+
+    sim = load_tool("gateway_sim")
+    daemons = []
+    try:
+        for node in NODES:
+            daemon = Daemon(parse_config(_group_config(node, broker.port, tmp_path / node)))
+            daemon.start()
+            assert daemon.wait_ready(10)
+            daemons.append(daemon)
+        _wait_members(daemons, 3)
+        result = sim.run_simulation(
+            "127.0.0.1",
+            broker.port,
+            wearers=100,
+            vitals_rate=0.5,
+            query_rate=0.02,
+            count=40,
+            deteriorating=30,
+            max_tokens=8,
+            vitals_qos=1,
+            seed=15,
+        )
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+    assert result.ok, (result.missing, result.unexpected, result.duplicates)
+    assert result.answered == result.queries_sent == 40 and result.duplicate_replies == 0
+    assert set(result.answers_by_node) == set(NODES), result.answers_by_node
+    assert result.alerts_by_wearer, "the deteriorating wearers raised no alert"
+    for wearer, seen in result.alerts_by_wearer.items():
+        assert seen["nodes"] == [rendezvous_owner(wearer, NODES)], (wearer, seen)
+
+
 def test_a_killed_node_loses_nothing_when_it_restarts(
     broker: PrivateBroker, tmp_path: Path
 ) -> None:
