@@ -15,6 +15,7 @@ import logging
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from edged.config.loader import parse_config
+from edged.mqtt.transport import MqttTransport
 from edged.service.broker import PrivateBroker, free_port
 from edged.service.daemon import Daemon
 from tests._link import read_packet
@@ -202,7 +204,14 @@ def test_a_port_that_is_not_an_mqtt_broker_is_reported_as_such(
             (silent.getsockname()[1], "no CONNACK within 1 s (not an MQTT port?)"),
         ):
             caplog.clear()
-            _never_connects(port, tmp_path / f"s{port}", None, connect_timeout_s=1)
+            # The daemon's own transport, without a model to load: only its first attempt.
+            cfg = parse_config(daemon_config(port, tmp_path, mqtt={"connect_timeout_s": 1})).mqtt
+            link = MqttTransport(cfg, "probe", [("x/#", 1)], None, lambda m: None)
+            link.start()
+            deadline = time.monotonic() + 5
+            while "did not accept" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            link.stop(timeout=2)
             assert expected in caplog.text, caplog.text
             assert "client certificate" not in caplog.text
     finally:

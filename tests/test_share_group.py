@@ -184,8 +184,8 @@ def test_gateway_sim_load_on_three_nodes_is_answered_once_with_each_wearers_aler
             "127.0.0.1",
             broker.port,
             wearers=100,
-            vitals_rate=0.5,
-            query_rate=0.02,
+            vitals_rate=3.0,  # enough summaries for the deteriorating wearers to alert
+            query_rate=0.1,
             count=40,
             deteriorating=30,
             max_tokens=8,
