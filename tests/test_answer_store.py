@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +119,24 @@ def test_putting_the_same_key_again_replaces_the_reply(store: AnswerStore) -> No
         None,
         T0 + 5,
     )
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_a_damaged_store_is_set_aside_and_the_daemon_starts_empty(
+    tmp_path: Path, damage: str
+) -> None:
+    """A power cut or a failing SD card can leave the file unreadable; refusing to start would
+    stop the alerts too (found by tools/soak.py, --faults store_corrupt)."""
+    path = tmp_path / "answered.sqlite3"
+    first = AnswerStore(path, ttl_s=3600)
+    first.put("w1", "q1", "edged/v1/w1/advice", b'{"id":"q1"}', None)
+    first.close()
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(8192) if damage == "random" else data[:1000] + os.urandom(64))
+    store = AnswerStore(path, ttl_s=3600)
+    assert len(store) == 0 and store.get("w1", "q1") is None
+    store.put("w1", "q2", "edged/v1/w1/advice", b'{"id":"q2"}', None)
+    assert store.get("w1", "q2") is not None
+    (aside,) = tmp_path.glob("answered.sqlite3.damaged-*")
+    assert aside.stat().st_size > 0  # kept for a post-mortem
+    store.close()

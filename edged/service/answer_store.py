@@ -48,14 +48,42 @@ class AnswerStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        try:
+            self._db = self._open(path)
+        except sqlite3.DatabaseError as exc:
+            # A power cut or a failing SD card can leave the file unreadable. Refusing to start
+            # would stop the alerts too (systemd restarting into the same error); the replies
+            # it held are lost either way. Set it aside for a post-mortem and start empty.
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            log.error(
+                "answered store %s is unreadable (%s): moved to %s, starting empty; "
+                "redelivered queries answered before are generated again",
+                path,
+                exc,
+                aside,
+            )
+            for suffix in ("", "-wal", "-shm"):
+                part = Path(f"{path}{suffix}")
+                if part.exists():
+                    part.rename(f"{aside}{suffix}")
+            self._db = self._open(path)
+
+    def _open(self, path: Path) -> sqlite3.Connection:
         # One connection shared by the MQTT thread (lookups) and the worker (inserts), so a
         # lock serialises them; each statement takes well under a millisecond.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-        self.purge()
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            self._db = db
+            self.purge()
+            db.execute("SELECT count(*) FROM answered").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def get(self, wearer: str, query_id: str, now: float | None = None) -> StoredReply | None:
         now = time.time() if now is None else now

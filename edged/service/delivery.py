@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edged.config.models import EdgedConfig
 from edged.governor.policy import GovernorDecision
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.05
 """How often queued deadlines are checked when nothing else happens."""
+_RETRY_STORE_S = 5.0
+"""How often a reply the store refused is tried again."""
 _PURGE_EVERY_S = 3600.0
 
 
@@ -99,6 +101,9 @@ class Delivery:
         self._accepting = threading.Event()
         self._accepting.set()
         self._last_purge = time.monotonic()
+        self._unstored: dict[tuple[str, str], FinalReply] = {}
+        """Final replies the store refused, by job key: unsent until stored."""
+        self._last_store_retry = 0.0
         self._thread = threading.Thread(target=self._run, name="edged-delivery", daemon=True)
 
     # -- any thread ------------------------------------------------------------------------
@@ -137,6 +142,7 @@ class Delivery:
             try:
                 self._carry_out(command)
                 self._expire_queued()
+                self._retry_unstored()
                 self._purge_now_and_then()
             except Exception:
                 # A bug here must not stop delivery of everything else; the message concerned
@@ -229,13 +235,18 @@ class Delivery:
         self._outbox.ack(c.ack)
 
     def _final(self, reply: FinalReply) -> None:
-        """Store (fsync), then publish, then acknowledge every delivery at the broker's PUBACK."""
+        """Store (fsync), then publish, then acknowledge every delivery at the broker's PUBACK.
+        A reply that cannot be stored (a full or failing disk) is neither published nor
+        acknowledged: it stays in flight and is stored and sent when the disk takes it
+        (`_retry_unstored`), so a redelivery never meets a second, different generation. A
+        restart meanwhile loses only an answer nobody has seen."""
         job = reply.job
-        entry = self._inflight.pop(job.key, None)
-        acks = tuple(entry.acks) if entry is not None else ()
         work: QueryWork = job.work
         if reply.store and not self._stored(job, work, reply.payload):
-            acks = ()  # published, but never acknowledged without a stored copy
+            self._unstored[job.key] = reply  # the in-flight entry stays: redeliveries join it
+            return
+        entry = self._inflight.pop(job.key, None)
+        acks = tuple(entry.acks) if entry is not None else ()
         self._counters.add("answered")
         if reply.error_code is not None:
             self._counters.add("errors", label=reply.error_code)
@@ -253,15 +264,27 @@ class Delivery:
                 job.wearer, job.query_id, work.route.topic, payload, work.route.correlation
             )
         except sqlite3.Error as exc:
-            log.error(
-                "cannot store the reply to %s/%s (%s): it stays unacknowledged and "
-                "may be generated again after a restart",
-                job.wearer,
-                job.query_id,
-                exc,
-            )
+            if job.key not in self._unstored:
+                log.error(
+                    "cannot store the reply to %s/%s (%s): held unsent and unacknowledged, "
+                    "retried every %.0f s (delivery.state_dir full or failing?)",
+                    job.wearer,
+                    job.query_id,
+                    exc,
+                    _RETRY_STORE_S,
+                )
             return False
         return True
+
+    def _retry_unstored(self) -> None:
+        if not self._unstored or time.monotonic() - self._last_store_retry < _RETRY_STORE_S:
+            return
+        self._last_store_retry = time.monotonic()
+        for key, reply in list(self._unstored.items()):
+            if self._stored(reply.job, reply.job.work, reply.payload):
+                log.info("stored the held reply to %s/%s: sending it", *key)
+                del self._unstored[key]
+                self._final(replace(reply, store=False))  # stored now: send and acknowledge
 
     def _reply_unstored(
         self, topic: str, correlation: bytes | None, error: ProtocolError, acks: list[AckToken]
