@@ -1,0 +1,131 @@
+"""tools/soak.py (issue #16): a short quick soak against a real mosquitto and the real daemon
+loses nothing through kills, broker restarts and outages, reloads and a fuzz stream; and the
+end check it relies on does catch a lost query, a lost alert and a duplicate that differs.
+
+The soak runs as a subprocess, as CI and operators run it: it starts and kills daemons and
+brokers of its own, which is no business of the test process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from tests._models import REPO_ROOT, load_tool
+
+TOOL = REPO_ROOT / "tools" / "soak.py"
+soak = load_tool("soak")
+
+# The faults that must recover today. store_corrupt and store_truncate found a daemon that
+# would not start (fixed: the damaged store is set aside); state_dir_full (root only, so not
+# here) found replies sent unstored and generated again (fixed: held until stored,
+# tests/test_state_dir_faults.py); state_dir_readonly still stops the start (issue #16).
+CORE_FAULTS = (
+    "store_corrupt",
+    "store_truncate",
+    "daemon_sigkill",
+    "broker_restart",
+    "sighup_valid",
+    "daemon_sigterm",
+    "broker_sigkill",
+    "sighup_invalid",
+    "broker_outage",
+)
+
+
+def test_quick_soak_loses_no_query_or_alert_through_kills_restarts_reloads_and_fuzz(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "soak.json"
+    run = subprocess.run(
+        [sys.executable, str(TOOL), "--quick", "--duration", "50", "--outage", "3",
+         "--fault-every", "2",
+         "--faults", ",".join(CORE_FAULTS), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    assert report["lost_queries"] == 0
+    assert report["lost_alerts"] == 0
+    assert report["nonidentical_duplicates"] == 0
+    assert report["unexpected_daemon_exits"] == []
+    assert report["fuzz_taken_as_queries"] == 0
+    assert report["queries_accepted"] >= 10 and report["alerts_expected"] >= 5
+    assert report["fuzz_sent"] >= 400 and sum(report["fuzz_error_replies"].values()) > 0
+    assert "internal" not in report["fuzz_error_replies"]
+    # Every fault of the cycle ran at least once and came back.
+    assert set(report["faults"]) == set(CORE_FAULTS), report["fault_log"]
+    assert report["faults_not_recovered"] == {}
+    assert "wall_clock_jump" in report["faults_not_built"]
+    assert report["restart_to_ready_s"]["n"] >= 3
+    assert report["rss_kb"]["max"] > 0 and "rss_slope_kb_per_hour" in report
+    if shutil.which("strace"):
+        # SQLite WAL + synchronous=FULL: about one fsync per stored answer (SD-card wear).
+        assert report["fsyncs_per_answer"] is not None
+        assert 0.5 <= report["fsyncs_per_answer"] <= 4
+    assert "result    OK" in run.stdout
+
+
+def _published(mid: int) -> mqtt.MQTTMessageInfo:
+    info = mqtt.MQTTMessageInfo(mid)
+    info._set_as_published()
+    return info
+
+
+def test_the_end_check_finds_a_lost_query_a_lost_alert_and_a_different_duplicate() -> None:
+    led = soak.Ledger()
+    for n, wearer in enumerate(("w1", "w2", "w3")):
+        led.queries[(wearer, "q1")] = soak.SentQuery(wearer, "q1", b"{}", set(), [_published(n)])
+    led.summaries["a" * 32] = soak.SentSummary("al-00", _published(9))
+    reply = json.dumps({"id": "q1", "text": "rest", "finish_reason": "stop"}).encode()
+    led.on_message("edged/v1/w1/reply/soak", reply)
+    led.on_message("edged/v1/w2/reply/soak", reply)
+    led.on_message("edged/v1/w2/reply/soak", reply.replace(b"rest", b"sit"))
+    busy = {"id": "q1", "code": "busy", "retry_after_ms": 100}
+    led.on_message("edged/v1/w3/reply/soak", json.dumps(busy).encode())
+
+    queries, alerts = soak.query_report(led), soak.alert_report(led)
+    # w3 got only `busy`, which is not a final reply: lost unless its retry is answered.
+    assert queries["lost_query_ids"] == ["w3/q1"]
+    assert queries["nonidentical_duplicate_ids"] == ["w2/q1"]
+    assert queries["busy_replies"] == 1 and len(led.retries) == 1
+    assert alerts["lost_alerts"] == 1 and alerts["alerts_expected"] == 1
+
+
+def test_an_error_a_query_did_not_ask_for_is_reported() -> None:
+    led = soak.Ledger()
+    led.queries[("w1", "q1")] = soak.SentQuery("w1", "q1", b"{}", {"deadline"}, [_published(1)])
+    led.queries[("w1", "q2")] = soak.SentQuery("w1", "q2", b"{}", set(), [_published(2)])
+    for qid in ("q1", "q2"):
+        body = {"id": qid, "code": "deadline_exceeded", "message": "late"}
+        led.on_message("edged/v1/w1/reply/soak", json.dumps(body).encode())
+    assert led.unexpected == ["w1/q2: error deadline_exceeded: late"]
+
+
+def test_rss_slope_is_the_least_squares_slope_per_hour() -> None:
+    # 2 kB a minute, with noise that cancels out: 120 kB an hour.
+    points = [(60.0 * i, 1000 + 2 * i + (1 if i % 2 else -1)) for i in range(20)]
+    slope = soak.slope_per_hour(points)
+    assert slope is not None and abs(slope - 120) < 5
+    assert soak.slope_per_hour(points[:2]) is None
+
+
+def test_every_hostile_payload_is_invalid_and_on_our_topics() -> None:
+    import random
+
+    rng = random.Random(1)
+    kinds = set()
+    for n in range(1, 2000):
+        kind, topic, payload = soak.hostile(rng, n)
+        kinds.add(kind)
+        assert topic.startswith("edged/"), topic
+        assert "+" not in topic and "#" not in topic
+        assert kind == "bad_topic" or "/fz-" in topic
+    assert kinds == {*soak.FUZZ, "bad_topic"}
