@@ -136,6 +136,18 @@ def test_a_repeated_alert_within_the_cooldown_is_only_acknowledged() -> None:
     assert handle(_msg(f"{P}/w1/vitals", vitals), ctx) == [Count("vitals"), Ack(TOKEN)]
 
 
+def test_setting_the_wall_clock_back_does_not_silence_a_wearers_alerts() -> None:
+    """The cooldown runs on the monotonic clock (found reading the code for issue #16's soak):
+    after an alert, the wall clock jumps back two hours; an alert 301 s later still goes out."""
+    ctx = _ctx(clinical={"alert_cooldown_s": 300})
+    t0 = time.time()
+    first = handle_at(_msg(f"{P}/w1/vitals", {"ts": t0, "spo2": 84}), ctx, t0, 1000.0)
+    assert _publishes(first)
+    back = t0 - 7200 + 301
+    later = handle_at(_msg(f"{P}/w1/vitals", {"ts": back, "spo2": 84}), ctx, back, 1301.0)
+    assert len(_publishes(later)) == 1
+
+
 def test_bad_vitals_get_an_error_naming_the_field() -> None:
     outcomes = handle(_msg(f"{P}/w1/vitals", {"ts": time.time(), "spo2": 130}), _ctx())
     topic, body = _error_of(outcomes)

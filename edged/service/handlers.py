@@ -80,15 +80,22 @@ def handle(
     except ProtocolError as err:
         return error_reply(ctx.topics.node_error(), err, msg.correlation_data, msg.ack)
     if inbound.kind == "vitals":
-        return handle_vitals(inbound.wearer, msg, ctx, wall_time)
+        return handle_vitals(inbound.wearer, msg, ctx, wall_time, monotonic)
     if inbound.kind == "cancel":
         return handle_cancel(inbound.wearer, msg, ctx)
     return handle_query(inbound.wearer, msg, ctx, monotonic)
 
 
 def handle_vitals(
-    wearer: str, msg: InboundMessage, ctx: InboundContext, now: float
+    wearer: str,
+    msg: InboundMessage,
+    ctx: InboundContext,
+    now: float,
+    monotonic: float | None = None,
 ) -> list[Outcome]:
+    """`now`: the wall clock, which summaries' `ts` are measured on; `monotonic`: the clock the
+    alert cooldown runs on (time.monotonic(); default `now`), so that setting the wall clock
+    back cannot silence a wearer's alerts until it catches up."""
     try:
         limit = ctx.config.limits.max_message_bytes
         obj = decode_payload(msg.payload, limit)
@@ -100,7 +107,7 @@ def handle_vitals(
     summary = ctx.vitals.add(wearer, vitals, now)
     triage = assess(summary, ctx.config.clinical.red_flags)
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
-    if not ctx.alerts.check(wearer, triage, now):
+    if not ctx.alerts.check(wearer, triage, now if monotonic is None else monotonic):
         return [_VITALS, *seen, Ack(msg.ack)]
     role, owner = ctx.membership.role(wearer, now) if ctx.membership else ("owner", "")
     if role == "none":
