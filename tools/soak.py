@@ -861,7 +861,9 @@ def _disk_full(rig: Rig, queries: int) -> Outcome:
     if not rig.tmpfs:
         return True, "skipped: needs root for a tmpfs state dir", None
     filler = rig.state_dir / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    # suppress() outermost: closing the file flushes into the full disk and raises too, and
+    # that must not skip freeing it (a run once stayed full to the end).
+    with contextlib.suppress(OSError), filler.open("wb") as f:
         while True:
             f.write(b"\0" * 65536)
     try:
