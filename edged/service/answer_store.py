@@ -49,9 +49,13 @@ class AnswerStore:
         self.path = path
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
+        db = None
         try:
-            self._db = self._open(path)
+            db = self._db = self._open(path)
+            self.purge()
         except sqlite3.DatabaseError as exc:
+            if db is not None:  # opened, but the purge found damage the read-through missed
+                db.close()
             # A power cut or a failing SD card can leave the file unreadable. Refusing to start
             # would stop the alerts too (systemd restarting into the same error); the replies
             # it held are lost either way. Set it aside for a post-mortem and start empty.
@@ -69,7 +73,10 @@ class AnswerStore:
                     part.rename(f"{aside}{suffix}")
             self._db = self._open(path)
 
-    def _open(self, path: Path) -> sqlite3.Connection:
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        """The store at `path`, read through once: a damaged file raises DatabaseError here,
+        not at the first lookup."""
         # One connection shared by the MQTT thread (lookups) and the worker (inserts), so a
         # lock serialises them; each statement takes well under a millisecond.
         db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -77,8 +84,6 @@ class AnswerStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
-            self._db = db
-            self.purge()
             db.execute("SELECT count(*) FROM answered").fetchone()
         except sqlite3.DatabaseError:
             db.close()

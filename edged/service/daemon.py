@@ -111,8 +111,8 @@ class Daemon:
         self._announcer = announcer(self._config, self.topics, model, self._outbox)
         parts = (self.topics, config, self._vitals, self._alerts, self._outbox, self._delivery)
         group = self._config.mqtt.share_group
-        members = group and GroupMembership(group, self.topics.node, self._config.status.interval_s)
-        self._members = members or None
+        interval = self._config.status.interval_s
+        self._members = GroupMembership(group, self.topics.node, interval) if group else None
         self._dispatcher = Dispatcher(*parts, network_counts, self._announcer, self._members)
         self._queries = Dispatcher(*parts, query_counts)
         self._worker = Worker(

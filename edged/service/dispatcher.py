@@ -16,7 +16,7 @@ from edged.config.models import EdgedConfig
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import InboundMessage
 from edged.service.delivery import Delivery
-from edged.service.group import GroupMembership
+from edged.service.group import AlertBackup, GroupMembership
 from edged.service.handlers import InboundContext, handle
 from edged.service.homeassistant import DiscoveryAnnouncer
 from edged.service.metrics import Counters
@@ -89,12 +89,9 @@ class Dispatcher:
         elif isinstance(outcome, WearerSeen) and self._announcer is not None:
             self._announcer.wearer_seen(outcome.wearer)
         elif isinstance(outcome, (HoldAlert, AlertSeen)) and self._membership is not None:
-            self._carry_out_backup(outcome)
+            self._carry_out_backup(self._membership.backup, outcome)
 
-    def _carry_out_backup(self, outcome: HoldAlert | AlertSeen) -> None:
-        backup = self._membership.backup if self._membership is not None else None
-        if backup is None:
-            return
+    def _carry_out_backup(self, backup: AlertBackup, outcome: HoldAlert | AlertSeen) -> None:
         if isinstance(outcome, HoldAlert):
             if not backup.hold(outcome.alert_id, outcome.alert, outcome.owner, time.monotonic()):
                 self._outbox.ack_all(outcome.alert.ack_after)  # the owner was first

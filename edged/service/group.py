@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -139,7 +138,7 @@ class AlertBackup:
     owner was only slow) carries the same alert_id, and consumers drop it; a lost alert
     cannot be dropped back in.
 
-    Used on the main connection's network thread; the lock makes the metrics' reads safe.
+    Like the membership that holds it, used on the main connection's network thread only.
     """
 
     def __init__(self, grace_s: float) -> None:
@@ -147,39 +146,34 @@ class AlertBackup:
         self._held: dict[str, HeldAlert] = {}
         self._seen: dict[str, float] = {}
         """Alert ids seen before this node held them (the owner was faster), until when."""
-        self._lock = threading.Lock()
 
     def hold(self, alert_id: str, alert: Publish, owner: str, now: float) -> bool:
         """Hold `alert`; False when the owner's copy was already seen (nothing to hold)."""
-        with self._lock:
-            if self._seen.pop(alert_id, None) is not None:
-                return False
-            self._held.setdefault(alert_id, HeldAlert(now + self.grace_s, alert, owner, now))
-            return True
+        if self._seen.pop(alert_id, None) is not None:
+            return False
+        self._held.setdefault(alert_id, HeldAlert(now + self.grace_s, alert, owner, now))
+        return True
 
     def alive(self, owner: str, now: float) -> list[Publish]:
         """`owner` published a status: the alerts held for it before now, released."""
-        with self._lock:
-            done = [k for k, h in self._held.items() if h.owner == owner and h.since < now]
-            return [self._held.pop(k).alert for k in done]
+        done = [k for k, h in self._held.items() if h.owner == owner and h.since < now]
+        return [self._held.pop(k).alert for k in done]
 
     def seen(self, alert_id: str, now: float) -> Publish | None:
         """The owner's copy arrived: the held alert, to acknowledge its summary, or None (then
         remembered for a while, in case this node's own copy of the summary comes later)."""
-        with self._lock:
-            held = self._held.pop(alert_id, None)
-            if held is None:
-                self._seen[alert_id] = now + 10 * self.grace_s
-                if len(self._seen) > 1000:  # bounded: the expired go first
-                    for key in [k for k, until in self._seen.items() if until <= now]:
-                        del self._seen[key]
+        held = self._held.pop(alert_id, None)
+        if held is None:
+            self._seen[alert_id] = now + 10 * self.grace_s
+            if len(self._seen) > 1000:  # bounded: the expired go first
+                for key in [k for k, until in self._seen.items() if until <= now]:
+                    del self._seen[key]
         return held.alert if held else None
 
     def due(self, now: float) -> list[Publish]:
         """Held alerts whose owner showed no sign of life in time: to publish now."""
-        with self._lock:
-            late = [k for k, h in self._held.items() if h.deadline <= now]
-            return [self._held.pop(k).alert for k in late]
+        late = [k for k, h in self._held.items() if h.deadline <= now]
+        return [self._held.pop(k).alert for k in late]
 
 
 def query_link(

@@ -91,11 +91,11 @@ def handle_vitals(
     msg: InboundMessage,
     ctx: InboundContext,
     now: float,
-    monotonic: float | None = None,
+    monotonic: float,
 ) -> list[Outcome]:
     """`now`: the wall clock, which summaries' `ts` are measured on; `monotonic`: the clock the
-    alert cooldown runs on (time.monotonic(); default `now`), so that setting the wall clock
-    back cannot silence a wearer's alerts until it catches up."""
+    alert cooldown runs on (time.monotonic()), so that setting the wall clock back cannot
+    silence a wearer's alerts until it catches up."""
     try:
         limit = ctx.config.limits.max_message_bytes
         obj = decode_payload(msg.payload, limit)
@@ -107,7 +107,7 @@ def handle_vitals(
     summary = ctx.vitals.add(wearer, vitals, now)
     triage = assess(summary, ctx.config.clinical.red_flags)
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
-    if not ctx.alerts.check(wearer, triage, now if monotonic is None else monotonic):
+    if not ctx.alerts.check(wearer, triage, monotonic):
         return [_VITALS, *seen, Ack(msg.ack)]
     role, owner = ctx.membership.role(wearer, now) if ctx.membership else ("owner", "")
     if role == "none":
