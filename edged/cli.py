@@ -415,10 +415,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolved.config
     for warning in resolved.warnings:
         print(f"edged: warning: {warning}", file=sys.stderr)
-    problem = state_dir_problem(config.delivery.state_dir, create=True)
+    # A state dir that cannot be used does not stop the start: the daemon serves degraded
+    # (edged.service.store_place) and `config check` / `edged doctor` report it.
+    problem = state_dir_problem(config.delivery.state_dir)
     if problem is not None:
-        print(f"edged: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"edged: error: {problem}; serving degraded", file=sys.stderr)
     if args.verbose == 0:
         logging.getLogger().setLevel(config.log_level.upper())
     return run_daemon(config, load=lambda: _resolve(args).config)

@@ -24,7 +24,7 @@ def store(tmp_path: Path) -> Iterator[AnswerStore]:
 def test_a_stored_reply_comes_back_byte_identical(store: AnswerStore) -> None:
     payload = b'{"id":"q1","text":"SpO\xe2\x82\x82 93 %"}\x00\xff'
     store.put("w1", "q1", "edged/w1/answer", payload, b"corr-1", now=T0)
-    reply = store.get("w1", "q1", now=T0 + 1)
+    reply = store.get("w1", "q1")
     assert reply is not None
     assert reply.payload == payload
     assert isinstance(reply.payload, bytes)
@@ -35,7 +35,7 @@ def test_a_stored_reply_comes_back_byte_identical(store: AnswerStore) -> None:
 
 def test_a_reply_without_correlation_keeps_none(store: AnswerStore) -> None:
     store.put("w1", "q1", "t", b"p", None, now=T0)
-    reply = store.get("w1", "q1", now=T0)
+    reply = store.get("w1", "q1")
     assert reply is not None
     assert reply.correlation is None
 
@@ -43,31 +43,38 @@ def test_a_reply_without_correlation_keeps_none(store: AnswerStore) -> None:
 def test_binary_correlation_data_survives_exactly(store: AnswerStore) -> None:
     correlation = bytes(range(256))
     store.put("w1", "q1", "t", b"p", correlation, now=T0)
-    reply = store.get("w1", "q1", now=T0)
+    reply = store.get("w1", "q1")
     assert reply is not None
     assert reply.correlation == correlation
 
 
 def test_an_unknown_query_is_not_found(store: AnswerStore) -> None:
     store.put("w1", "q1", "t", b"p", None, now=T0)
-    assert store.get("w1", "q2", now=T0) is None
-    assert store.get("w2", "q1", now=T0) is None
+    assert store.get("w1", "q2") is None
+    assert store.get("w2", "q1") is None
 
 
 def test_the_same_id_under_two_wearers_is_two_entries(store: AnswerStore) -> None:
     store.put("w1", "q1", "edged/w1/answer", b"for w1", None, now=T0)
     store.put("w2", "q1", "edged/w2/answer", b"for w2", None, now=T0)
     assert len(store) == 2
-    first, second = store.get("w1", "q1", now=T0), store.get("w2", "q1", now=T0)
+    first, second = store.get("w1", "q1"), store.get("w2", "q1")
     assert first is not None and second is not None
     assert (first.payload, first.topic) == (b"for w1", "edged/w1/answer")
     assert (second.payload, second.topic) == (b"for w2", "edged/w2/answer")
 
 
-def test_a_reply_older_than_the_ttl_is_not_returned(store: AnswerStore) -> None:
+def test_a_reply_is_served_until_purged_so_a_clock_set_forward_does_not_expire_it(
+    store: AnswerStore,
+) -> None:
     store.put("w1", "q1", "t", b"p", None, now=T0)
-    assert store.get("w1", "q1", now=T0 + TTL_S) is not None
-    assert store.get("w1", "q1", now=T0 + TTL_S + 1) is None
+    # The lookup does not read the wall clock: a reply stored "in the past" of a clock that
+    # jumped forward by more than the TTL is still the answer to a redelivery.
+    assert store.get("w1", "q1") is not None
+    store.purge(now=T0 + TTL_S)  # at exactly the TTL it is still kept
+    assert store.get("w1", "q1") is not None
+    store.purge(now=T0 + TTL_S + 1)
+    assert store.get("w1", "q1") is None
 
 
 def test_purge_deletes_expired_replies_and_counts_them(store: AnswerStore) -> None:
@@ -76,8 +83,8 @@ def test_purge_deletes_expired_replies_and_counts_them(store: AnswerStore) -> No
     store.put("w1", "fresh", "t", b"p", None, now=T0 + 50)
     assert store.purge(now=T0 + TTL_S + 10) == 2
     assert len(store) == 1
-    assert store.get("w1", "fresh", now=T0 + 50) is not None
-    assert store.get("w1", "old1", now=T0) is None
+    assert store.get("w1", "fresh") is not None
+    assert store.get("w1", "old1") is None
     assert store.purge(now=T0 + TTL_S + 10) == 0
 
 
@@ -111,7 +118,7 @@ def test_putting_the_same_key_again_replaces_the_reply(store: AnswerStore) -> No
     store.put("w1", "q1", "old/topic", b"old", b"old-corr", now=T0)
     store.put("w1", "q1", "new/topic", b"new", None, now=T0 + 5)
     assert len(store) == 1
-    reply = store.get("w1", "q1", now=T0 + 5)
+    reply = store.get("w1", "q1")
     assert reply is not None
     assert (reply.topic, reply.payload, reply.correlation, reply.answered_at) == (
         "new/topic",
@@ -140,3 +147,31 @@ def test_a_damaged_store_is_set_aside_and_the_daemon_starts_empty(
     (aside,) = tmp_path.glob("answered.sqlite3.damaged-*")
     assert aside.stat().st_size > 0  # kept for a post-mortem
     store.close()
+
+
+def test_absorb_copies_in_the_replies_this_store_lacks_and_keeps_its_own(tmp_path: Path) -> None:
+    volatile = AnswerStore(tmp_path / "ram" / "answers.db", ttl_s=TTL_S)
+    volatile.put("w1", "q1", "t", b"from the degraded run", None)
+    volatile.put("w1", "q2", "t", b"stale copy", None)
+    volatile.close()
+    durable = AnswerStore(tmp_path / "disk" / "answers.db", ttl_s=TTL_S)
+    try:
+        durable.put("w1", "q2", "t", b"durable copy", None)
+        assert durable.absorb(tmp_path / "ram" / "answers.db") == 1
+        first, second = durable.get("w1", "q1"), durable.get("w1", "q2")
+        assert first is not None and first.payload == b"from the degraded run"
+        assert second is not None and second.payload == b"durable copy"
+        assert len(durable) == 2
+    finally:
+        durable.close()
+
+
+def test_an_in_memory_store_works_like_a_file_one() -> None:
+    store = AnswerStore(None, ttl_s=TTL_S)
+    try:
+        store.put("w1", "q1", "t", b"p", b"c")
+        reply = store.get("w1", "q1")
+        assert reply is not None and (reply.payload, reply.correlation) == (b"p", b"c")
+        assert store.path is None and len(store) == 1
+    finally:
+        store.close()

@@ -23,8 +23,10 @@ soak = load_tool("soak")
 # The faults that must recover today. store_corrupt and store_truncate found a daemon that
 # would not start (fixed: the damaged store is set aside); state_dir_full (root only, so not
 # here) found replies sent unstored and generated again (fixed: held until stored,
-# tests/test_state_dir_faults.py); state_dir_readonly still stops the start (issue #16).
+# tests/test_state_dir_faults.py); state_dir_readonly (root only) stopped the start (fixed: the
+# node serves degraded from a store in RAM, tests/test_degraded_store.py).
 CORE_FAULTS = (
+    "state_dir_readonly",
     "store_corrupt",
     "store_truncate",
     "daemon_sigkill",

@@ -911,7 +911,8 @@ def fault_state_dir_full_long(rig: Rig) -> Outcome:
 def fault_state_dir_readonly(rig: Rig) -> Outcome:
     """An SD card the kernel remounted read-only, then a restart. A live remount is refused
     (EBUSY) while the daemon holds the store open for writing, so the daemon is stopped first:
-    it must come up (degraded if it must) and answer on a read-only state dir."""
+    it must come up degraded (its answered store in RAM) and answer on a read-only state dir;
+    the restart after the remount takes those replies over."""
     if not rig.tmpfs:
         return True, "skipped: needs root for a tmpfs state dir", None
     rig.daemon.signal(signal.SIGTERM)
@@ -1278,7 +1279,13 @@ def soak(p: Profile, workdir: Path) -> dict[str, Any]:
     (workdir / "broker").mkdir()
     broker.start()
     notify = NotifySocket(workdir / "notify.sock")
-    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "4000000"}
+    # As systemd sets them: the notify socket, the watchdog, the RuntimeDirectory (where the
+    # answered store goes when the state dir cannot be written).
+    env = {
+        "NOTIFY_SOCKET": str(notify.path),
+        "WATCHDOG_USEC": "4000000",
+        "RUNTIME_DIRECTORY": str(workdir / "run"),
+    }
     daemon = Daemon(workdir, env)
     rig = Rig(
         p,

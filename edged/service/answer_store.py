@@ -21,6 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+STORE_NAME = "answered.sqlite3"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answered (
     wearer      TEXT NOT NULL,
@@ -44,11 +46,16 @@ class StoredReply:
 
 
 class AnswerStore:
-    def __init__(self, path: Path, ttl_s: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path | None, ttl_s: float) -> None:
+        """`path` None: in this process's memory, the last resort of a degraded node
+        (edged.service.store_place)."""
         self.path = path
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
+        if path is None:
+            self._db = self._open(":memory:")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         db = None
         try:
             db = self._db = self._open(path)
@@ -74,7 +81,7 @@ class AnswerStore:
             self._db = self._open(path)
 
     @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
+    def _open(path: Path | str) -> sqlite3.Connection:
         """The store at `path`, read through once: a damaged file raises DatabaseError here,
         not at the first lookup."""
         # One connection shared by the MQTT thread (lookups) and the worker (inserts), so a
@@ -90,13 +97,15 @@ class AnswerStore:
             raise
         return db
 
-    def get(self, wearer: str, query_id: str, now: float | None = None) -> StoredReply | None:
-        now = time.time() if now is None else now
+    def get(self, wearer: str, query_id: str) -> StoredReply | None:
+        """The stored reply, however old: only the purge forgets one. A lookup that judged age
+        by the wall clock would take a clock set forward (a Pi without a real-time clock,
+        corrected by NTP) for the TTL passing, and generate a redelivered query again."""
         with self._lock:
             row = self._db.execute(
                 "SELECT topic, payload, correlation, answered_at FROM answered "
-                "WHERE wearer = ? AND id = ? AND answered_at >= ?",
-                (wearer, query_id, now - self.ttl_s),
+                "WHERE wearer = ? AND id = ?",
+                (wearer, query_id),
             ).fetchone()
         if row is None:
             return None
@@ -128,6 +137,18 @@ class AnswerStore:
             )
         if cur.rowcount:
             log.debug("purged %d answered queries older than %.0f s", cur.rowcount, self.ttl_s)
+        return cur.rowcount
+
+    def absorb(self, other: Path) -> int:
+        """Copy in the replies of the store at `other` that this one lacks; how many."""
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
+            try:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO answered SELECT * FROM other.answered"
+                )
+            finally:
+                self._db.execute("DETACH DATABASE other")
         return cur.rowcount
 
     def __len__(self) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 import psutil
 
@@ -36,7 +35,6 @@ from edged.mqtt.payloads import encode
 from edged.mqtt.topics import Topics
 from edged.mqtt.transport import MqttTransport
 from edged.scheduler import Scheduler
-from edged.service.answer_store import AnswerStore
 from edged.service.delivery import Delivery
 from edged.service.dispatcher import Dispatcher
 from edged.service.group import GroupMembership, query_link
@@ -47,6 +45,7 @@ from edged.service.outbox import Outbox
 from edged.service.outcomes import Publish
 from edged.service.prometheus import MetricsServer, serve_metrics
 from edged.service.reload import plan_reload
+from edged.service.store_place import open_answer_store
 from edged.service.ticker import Ticker, apply_decision
 from edged.service.worker import Worker
 
@@ -95,14 +94,13 @@ class Daemon:
         # In a share group, queries come on a connection of their own (service/group.py).
         queries = query_link(config, self.topics, lambda msg: self._queries.on_message(msg))
         self._links = [self.transport, *([queries] if queries else [])]
-        self._wire(Path(config.delivery.state_dir))
+        self._wire()
 
-    def _wire(self, state_dir: Path) -> None:
-        config, decision = self._current_config, self._decision
+    def _wire(self) -> None:
+        config, decision, c = self._current_config, self._decision, self._config
         self._outbox = Outbox(*self._links)
-        self._store = AnswerStore(
-            state_dir / "answered.sqlite3", self._config.delivery.answered_ttl_s
-        )
+        self._place = open_answer_store(c.delivery.state_dir, c.node_id, c.delivery.answered_ttl_s)
+        self._store = self._place.store
         network_counts, delivery_counts, worker_counts, query_counts = self._counts
         self._delivery = Delivery(
             self._store, self._scheduler, self._outbox, delivery_counts, config, decision
@@ -116,15 +114,9 @@ class Daemon:
         self._dispatcher = Dispatcher(*parts, network_counts, self._announcer, self._members)
         self._queries = Dispatcher(*parts, query_counts)
         self._worker = Worker(
-            self.backend,
-            self._scheduler,
-            self._delivery,
-            self._outbox,
-            self._vitals,
-            config,
-            decision,
-            worker_counts,
-        )
+            self.backend, self._scheduler, self._delivery, self._outbox, self._vitals, config,
+            decision, worker_counts,
+        )  # fmt: skip
         self._ticker = Ticker(self.governor, self.backend, config, self._publish_status_if_ready)
 
     def _current_config(self) -> EdgedConfig:
@@ -140,6 +132,9 @@ class Daemon:
 
     @property
     def state(self) -> NodeState:
+        """`degraded` too while replies cannot be stored durably (store_place, delivery)."""
+        if self._state == NodeState.ONLINE and (self._delivery.holding or self._place.problem):
+            return NodeState.DEGRADED
         return self._state
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -257,7 +252,7 @@ class Daemon:
         if headroom is None:
             headroom = psutil.virtual_memory().available / 2**20
         return Metrics(
-            state=self._state,
+            state=self.state,
             connected=self.transport.connected,
             ready=self.transport.ready,
             model=backend.info.name if backend else None,
@@ -285,6 +280,8 @@ class Daemon:
     def _on_ready(self) -> None:
         """Connected and subscribed, first or again: the retained messages, afresh."""
         self.publish_status()
+        if self._place.problem is not None:
+            self.publish_node_error(self._place.problem)
         if self._announcer is not None:
             self._announcer.announce()
 

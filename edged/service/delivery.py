@@ -115,6 +115,11 @@ class Delivery:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def holding(self) -> bool:
+        """Whether final replies wait unsent for the store to take them (a full disk)."""
+        return bool(self._unstored)
+
     def submit(self, command: Accept | CancelQuery | FinalReply | Abandoned) -> None:
         self._inbox.put(command)
 

@@ -1,0 +1,83 @@
+"""Where the answered store lives: `delivery.state_dir` when the daemon can write there, else a
+volatile place in RAM, so that a state directory that cannot be used costs durability, not the
+service.
+
+An SD card the kernel remounted read-only, a file where the directory should be, a non-root
+user and /var/lib/edged: refusing to start would stop the alerts with the answers (systemd
+restarting into the same error every few seconds). So the daemon comes up `degraded`, says why
+loudly (log, node error topic), and keeps its answered store in the runtime directory: systemd's
+`RuntimeDirectory=edged` (/run/edged, kept across restarts by `RuntimeDirectoryPreserve=restart`),
+or /dev/shm/edged-<node> without systemd. Both are tmpfs: a redelivery after a daemon crash or a
+broker restart still gets the stored reply byte-identical; only a power cut loses them. The next
+start on a usable state dir takes the volatile replies over into the durable store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from edged.config.loader import state_dir_problem
+from edged.service.answer_store import STORE_NAME, AnswerStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StorePlace:
+    store: AnswerStore
+    problem: str | None
+    """None: the store is durable in delivery.state_dir. Else why it is not, and where it is."""
+
+    @property
+    def durable(self) -> bool:
+        return self.problem is None
+
+
+def volatile_dir(node_id: str) -> Path:
+    """The directory in RAM the store falls back to (see the module's docstring)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    if runtime:  # systemd: a colon-separated list when several are configured
+        return Path(runtime.split(":")[0])
+    return Path("/dev/shm") / f"edged-{node_id}"
+
+
+def open_answer_store(state_dir: Path, node_id: str, ttl_s: float) -> StorePlace:
+    volatile = volatile_dir(node_id)
+    problem = state_dir_problem(state_dir, create=True)
+    if problem is None:
+        store = AnswerStore(state_dir / STORE_NAME, ttl_s)
+        _take_over(store, volatile / STORE_NAME)
+        return StorePlace(store, None)
+    try:
+        volatile.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Replies are health data: never in a directory someone else owns or can read.
+        if volatile.stat().st_uid != os.geteuid() or volatile.stat().st_mode & 0o077:
+            raise PermissionError(f"{volatile} is not private to this user")
+        store = AnswerStore(volatile / STORE_NAME, ttl_s)
+        where = f"{volatile} (RAM: kept across daemon restarts, lost on power loss)"
+    except (OSError, sqlite3.Error) as exc:
+        log.error("volatile answered store at %s cannot be used either (%s)", volatile, exc)
+        store = AnswerStore(None, ttl_s)
+        where = "this process's memory (lost when the daemon restarts)"
+    problem = f"{problem}; answered queries are stored in {where} until that is fixed"
+    log.error("%s: serving degraded", problem)
+    return StorePlace(store, problem)
+
+
+def _take_over(store: AnswerStore, volatile: Path) -> None:
+    """Replies a degraded run kept in RAM, into the durable store, so that a redelivery of one
+    of them still gets the same bytes; then the volatile copy is removed."""
+    if not volatile.exists():
+        return
+    try:
+        moved = store.absorb(volatile)
+    except sqlite3.Error as exc:
+        log.warning("replies in the volatile store %s could not be taken over (%s)", volatile, exc)
+        return
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{volatile}{suffix}").unlink(missing_ok=True)
+    log.info("took over %d answered queries from the volatile store %s", moved, volatile)

@@ -1,0 +1,155 @@
+"""A state directory the daemon cannot write (found by tools/soak.py, issue #16: the daemon used
+to refuse to start, which stopped the alerts too): the node comes up `degraded`, says why in its
+log and on its node error topic, answers from an answered store in RAM (byte-identical on a
+redelivery), and the next start on a usable state dir takes those replies over."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edged.domain import NodeState
+from edged.service.broker import PrivateBroker
+from edged.service.daemon import Daemon
+from tests._mqtt import DaemonProcess, P, TestClient, daemon_config, mosquitto_pub, reply_to
+
+STATUS = f"{P}/_node/test-node/status"
+NODE_ERROR = f"{P}/_node/test-node/error"
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """systemd's RuntimeDirectory= for the daemon: where the volatile store goes."""
+    run = tmp_path / "run-edged"
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    return run
+
+
+@pytest.fixture
+def unusable(tmp_path: Path) -> Path:
+    """A state_dir path with a file in the way: unusable to any user, root included."""
+    (tmp_path / "a-file").write_text("not a directory\n")
+    return tmp_path / "a-file" / "state"
+
+
+def _ask(gateway: TestClient, query_id: str) -> bytes:
+    gateway.publish(f"{P}/w1/query", {"id": query_id, "text": "Am I ok?", "max_tokens": 6})
+    return gateway.wait_for(reply_to(query_id), timeout=20).payload
+
+
+def test_an_unusable_state_dir_leaves_the_node_up_degraded_answering_and_alerting(
+    broker: PrivateBroker,
+    start_daemon: Callable[..., Daemon],
+    gateway: TestClient,
+    runtime_dir: Path,
+    unusable: Path,
+) -> None:
+    daemon = start_daemon(delivery={"state_dir": str(unusable)})
+    assert daemon.state == NodeState.DEGRADED
+    status = gateway.wait_for(lambda r: r.topic == STATUS, timeout=5)
+    assert status.json()["state"] == "degraded"
+    error = gateway.wait_for(lambda r: r.topic == NODE_ERROR, timeout=5).json()
+    assert error["message"].startswith(f"delivery.state_dir = '{unusable}'")
+    assert str(runtime_dir) in error["message"]
+
+    first = _ask(gateway, "q-ram")
+    assert json.loads(first)["id"] == "q-ram"
+    assert (runtime_dir / "answered.sqlite3").exists()
+    assert (runtime_dir.stat().st_mode & 0o777) == 0o700  # answers are health data
+    # A redelivery of the same id is served from the volatile store, not generated again.
+    assert _ask(gateway, "q-ram") == first
+    assert daemon.metrics().counters.duplicates == 1
+
+    vitals = {"ts": int(time.time()), "spo2": {"min": 85, "mean": 86}, "resp_rate": 26}
+    mosquitto_pub(broker.port, f"{P}/w-sick/vitals", vitals)
+    assert gateway.wait_for(lambda r: r.topic == f"{P}/w-sick/alert", timeout=5).json()
+
+
+def test_the_next_start_on_a_usable_state_dir_takes_the_volatile_replies_over(
+    start_daemon: Callable[..., Daemon],
+    gateway: TestClient,
+    runtime_dir: Path,
+    unusable: Path,
+    tmp_path: Path,
+) -> None:
+    degraded = start_daemon(delivery={"state_dir": str(unusable)})
+    first = _ask(gateway, "q-over")
+    degraded.stop()
+
+    good = tmp_path / "good-state"
+    daemon = start_daemon(delivery={"state_dir": str(good)})
+    assert daemon.state == NodeState.ONLINE
+    assert not (runtime_dir / "answered.sqlite3").exists()
+    assert daemon.metrics().answered_stored == 1
+    # The query redelivered after the fix still gets the first answer, byte for byte.
+    assert _ask(gateway, "q-over") == first
+    assert daemon.metrics().counters.duplicates == 1
+
+
+def test_with_no_usable_runtime_dir_either_the_store_is_kept_in_memory(
+    start_daemon: Callable[..., Daemon],
+    gateway: TestClient,
+    unusable: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "a-file" / "run"))
+    daemon = start_daemon(delivery={"state_dir": str(unusable)})
+    error = gateway.wait_for(lambda r: r.topic == NODE_ERROR, timeout=5).json()
+    assert "this process's memory" in error["message"]
+    first = _ask(gateway, "q-mem")
+    assert _ask(gateway, "q-mem") == first
+    assert daemon.state == NodeState.DEGRADED
+
+
+def test_edged_run_on_an_unusable_state_dir_says_so_in_one_line_and_serves(
+    broker: PrivateBroker, gateway: TestClient, unusable: Path, tmp_path: Path
+) -> None:
+    config = daemon_config(broker.port, unusable)
+    proc = DaemonProcess(config, tmp_path)
+    proc.start(RUNTIME_DIRECTORY=str(tmp_path / "run-edged"))
+    try:
+        gateway.wait_for(
+            lambda r: r.topic == STATUS and r.json().get("state") == "degraded", timeout=60
+        )
+        log = proc.log()
+        assert f"edged: error: delivery.state_dir = '{unusable}'" in log
+        assert "Traceback" not in log
+        assert json.loads(_ask(gateway, "q-run"))["id"] == "q-run"
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[Path]:
+    """A real read-only file system (the SD card the kernel remounted ro): root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "ro-state"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,ro", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_state_dir_is_served_degraded_from_ram(
+    start_daemon: Callable[..., Daemon],
+    gateway: TestClient,
+    runtime_dir: Path,
+    read_only_mount: Path,
+) -> None:
+    daemon = start_daemon(delivery={"state_dir": str(read_only_mount)})
+    assert daemon.state == NodeState.DEGRADED
+    error = gateway.wait_for(lambda r: r.topic == NODE_ERROR, timeout=5).json()
+    assert "cannot be written" in error["message"]
+    first = _ask(gateway, "q-ro")
+    assert _ask(gateway, "q-ro") == first
