@@ -148,6 +148,21 @@ def test_setting_the_wall_clock_back_does_not_silence_a_wearers_alerts() -> None
     assert len(_publishes(later)) == 1
 
 
+@pytest.mark.parametrize("jump_s", [3600.0, -3600.0], ids=["forward", "back"])
+def test_the_vitals_window_ignores_the_wall_clock_being_set(jump_s: float) -> None:
+    """The window runs on the monotonic clock (found by tools/soak.py's wall_clock_jump, #16):
+    set forward an hour, the wall clock emptied the window; set back, it kept readings from
+    outside it. 20 s apart on the monotonic clock, both summaries are in the window (1800 s)."""
+    ctx = _ctx()
+    t0 = time.time()
+    handle_at(_msg(f"{P}/w1/vitals", {"ts": t0, "heart_rate": 60}), ctx, t0, 1000.0)
+    jumped = t0 + jump_s + 20
+    handle_at(_msg(f"{P}/w1/vitals", {"ts": jumped, "heart_rate": 70}), ctx, jumped, 1020.0)
+    assert [v.heart_rate.mean for v in ctx.vitals.window("w1", 1020.0)] == [60, 70]
+    # ...and 1801 s later on the monotonic clock the first has left it, whatever the wall says.
+    assert [v.heart_rate.mean for v in ctx.vitals.window("w1", 2801.0)] == [70]
+
+
 def test_bad_vitals_get_an_error_naming_the_field() -> None:
     outcomes = handle(_msg(f"{P}/w1/vitals", {"ts": time.time(), "spo2": 130}), _ctx())
     topic, body = _error_of(outcomes)

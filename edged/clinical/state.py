@@ -3,8 +3,9 @@
 Three bounds keep memory flat: at most `max_wearers` wearers (the least recently seen is
 evicted), at most `max_per_wearer` summaries each, and nothing older than the window. A wearer
 not heard from for `ttl_s` is forgotten at the next sweep. The window is timed by the daemon's
-clock at receipt, not by the gateway's `ts`, so a gateway with a wrong clock cannot keep stale
-readings alive or push fresh ones out.
+monotonic clock at receipt, not by the gateway's `ts` nor by the wall clock, so neither a
+gateway with a wrong clock nor the board's clock being set (NTP after a Pi boots without a
+real-time clock) can keep stale readings alive or push fresh ones out. `now`: that clock.
 """
 
 from __future__ import annotations

@@ -69,8 +69,9 @@ def error_reply(
 def handle(
     msg: InboundMessage, ctx: InboundContext, wall_time: float, monotonic: float
 ) -> list[Outcome]:
-    """The outcomes of one message received at `wall_time` (time.time(): the vitals window's
-    clock) and `monotonic` (time.monotonic(): deadlines count from there)."""
+    """The outcomes of one message received at `wall_time` (time.time(): what a summary's `ts`
+    is checked against) and `monotonic` (time.monotonic(): deadlines, the vitals window and the
+    alert cooldown count from there, so setting the wall clock cannot move them)."""
     if ctx.membership is not None:
         group_outcomes = handle_group(msg, ctx, ctx.membership, monotonic)
         if group_outcomes is not None:
@@ -94,8 +95,9 @@ def handle_vitals(
     monotonic: float,
 ) -> list[Outcome]:
     """`now`: the wall clock, which summaries' `ts` are measured on; `monotonic`: the clock the
-    alert cooldown runs on (time.monotonic()), so that setting the wall clock back cannot
-    silence a wearer's alerts until it catches up."""
+    vitals window and the alert cooldown run on (time.monotonic()). On the wall clock, setting
+    it back would silence a wearer's alerts and keep stale readings in the window until it
+    caught up, and setting it forward would empty the window."""
     try:
         limit = ctx.config.limits.max_message_bytes
         obj = decode_payload(msg.payload, limit)
@@ -104,7 +106,7 @@ def handle_vitals(
         vitals = parse(obj, now=now)
     except ProtocolError as err:
         return error_reply(ctx.topics.error(wearer), err, msg.correlation_data, msg.ack)
-    summary = ctx.vitals.add(wearer, vitals, now)
+    summary = ctx.vitals.add(wearer, vitals, monotonic)
     triage = assess(summary, ctx.config.clinical.red_flags)
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
     if not ctx.alerts.check(wearer, triage, monotonic):

@@ -258,7 +258,7 @@ class Worker:
         started = time.monotonic()
         if job.expired(started):
             return error_reply(job, deadline_error(job))
-        window = self._vitals.window(job.wearer, time.time())
+        window = self._vitals.window(job.wearer, time.monotonic())  # as handlers add them
         triage = assess(window, config.clinical.red_flags)
         decision = self._decision()
         if self._backend is None or not decision.model_available:
