@@ -16,10 +16,11 @@ SIGKILL mid-generation, SIGTERM during a burst, broker restart, broker SIGKILL, 
 SIGHUP with a valid and an invalid config during a long generation, the answered-query store
 corrupted or truncated while the daemon is stopped, and (as root, on a tmpfs state dir) the
 state dir full (ENOSPC; `state_dir_full_long` with more unstored replies than the daemon's MQTT
-Receive Maximum) and read-only. Each fault is logged with its time and whether the daemon came
-back to ready. `--faults a,b` cycles through a chosen list instead. The last `quiet_tail_s` of a
-run (20 min of the long profile) restarts no daemon, so one process lives long enough for an
-RSS slope.
+Receive Maximum) and read-only, and the daemon's wall clock set 2 h forward or back
+(`wall_clock_jump`, tools/clockshift.c in its LD_PRELOAD) with a deadline in flight. Each
+fault is logged with its time and whether the daemon came back to ready. `--faults a,b`
+cycles through a chosen list instead. The last `quiet_tail_s` of a run (20 min of the long
+profile) restarts no daemon, so one process lives long enough for an RSS slope.
 
 What is checked at the end:
 * every *accepted* query (the broker PUBACKed its publish, so it holds it for the daemon's
@@ -30,6 +31,9 @@ What is checked at the end:
   (edged.mqtt.payloads.alert_id). With `clinical.alert_cooldown_s: 0`, `should_alert` is true for
   every alerting triage, and alert wearers only ever send SpO2 85 (red flag `spo2_low`), so
   every one of their summaries must alert.
+* every final reply received since the store was last damaged on purpose is in the answered
+  store (read from the SQLite file), byte-identical: stored before it was sent, so no query
+  was acknowledged without a stored reply (`replies_sent_unstored`).
 * RSS and open fds of the daemon, sampled every few seconds; `rss_slope_kb_per_hour` is the
   least-squares slope over the longest-lived daemon process after its warm-up (restarts split
   the series).
@@ -51,8 +55,11 @@ import heapq
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -138,6 +145,7 @@ QUICK_CYCLE = (
     "daemon_sigkill",
     "state_dir_readonly",
     "store_truncate",
+    "wall_clock_jump",
 )
 # The long profile needs >= 100 daemon SIGKILLs and >= 20 broker restarts in an hour: half the
 # steps are kills, and a fault every few seconds (compressed time: the daemon needs no quiet
@@ -163,9 +171,17 @@ LONG_CYCLE = (
     "state_dir_readonly",
     "daemon_sigkill",
     "store_truncate",
+    "daemon_sigkill",
+    "wall_clock_jump",
 )
 # (the long profile's broker outage comes every OUTAGE_EVERY_S instead of in the cycle)
-QUIET_CYCLE = ("broker_restart", "sighup_valid", "broker_sigkill", "sighup_invalid")
+QUIET_CYCLE = (
+    "broker_restart",
+    "sighup_valid",
+    "broker_sigkill",
+    "sighup_invalid",
+    "wall_clock_jump",
+)
 PROFILES = {
     "quick": Profile(
         "quick", 180.0, 4.0, 8.0, cycle=QUICK_CYCLE, fsync_every_s=120.0, quiet_tail_s=60.0
@@ -614,13 +630,22 @@ class Load:
             self.rig.ledger.summaries[aid] = SentSummary(wearer, info)
         return aid
 
-    def query(self, max_tokens: int | None = None, urgent: bool = False) -> SentQuery:
+    def query(
+        self,
+        max_tokens: int | None = None,
+        urgent: bool = False,
+        wearer: str | None = None,
+        deadline_s: float | None = None,
+    ) -> SentQuery:
+        """A query from a load wearer (or `wearer`), random in its kind unless told."""
         with self.lock:
-            return self._query(max_tokens, urgent)
+            return self._query(max_tokens, urgent, wearer, deadline_s)
 
-    def _query(self, max_tokens: int | None, urgent: bool) -> SentQuery:
+    def _query(
+        self, max_tokens: int | None, urgent: bool, wearer: str | None, deadline_s: float | None
+    ) -> SentQuery:
         self.n += 1
-        wearer = self.rng.choice(self.wearers).wearer
+        wearer = wearer or self.rng.choice(self.wearers).wearer
         body: dict[str, Any] = {
             "id": f"q{self.n}",
             "text": self.rng.choice(QUESTIONS),
@@ -629,10 +654,13 @@ class Load:
             "priority": "urgent" if urgent or self.rng.random() < 0.2 else "normal",
         }
         deserves = set()
-        if max_tokens is None and self.rng.random() < 0.25:
+        if deadline_s is not None:
+            body["deadline_s"] = deadline_s
+            deserves.add("deadline")
+        elif max_tokens is None and self.rng.random() < 0.25:
             body["deadline_s"] = round(self.rng.uniform(0.5, 6.0), 2)
             deserves.add("deadline")
-        if max_tokens is None and self.rng.random() < 0.1:
+        if max_tokens is None and deadline_s is None and self.rng.random() < 0.1:
             deserves.add("cancel")
             due = time.monotonic() + self.rng.uniform(0.1, 1.5)
             heapq.heappush(self.cancels, (due, wearer, body["id"]))
@@ -703,6 +731,11 @@ class Rig:
     config: dict[str, Any]
     state_dir: Path
     tmpfs: bool
+    clock_file: Path | None = None
+    """The daemon's wall-clock offset (tools/clockshift.c); None: wall_clock_jump is skipped."""
+    store_reset_at: float = 0.0
+    """When a store_corrupt/store_truncate fault last emptied the answered store (monotonic):
+    replies first received after it must all be in the store at the end."""
     ledger: Ledger = field(default_factory=Ledger)
     faults: list[FaultRecord] = field(default_factory=list)
     samples: list[tuple[float, int, int, int]] = field(default_factory=list)
@@ -830,6 +863,7 @@ def _store_damage(rig: Rig, damage: Callable[[Path], None], what: str) -> Outcom
     if store.exists():
         damage(store)
     ok, note, ready = _restart(rig, f"store {what} while stopped")
+    rig.store_reset_at = time.monotonic()
     if ok:
         return ok, note, ready
     # Not back by itself: what an operator would do, so the run can go on; the fault failed.
@@ -929,6 +963,101 @@ def fault_state_dir_readonly(rig: Rig) -> Outcome:
     return up and answered and back, note, ready
 
 
+CLOCK_JUMP_S = 2 * 3600
+"""Each wall_clock_jump sets the daemon's clock this far ahead of the real one, then as far
+behind: longer than the vitals window (60 s here, 30 min by default) and the alert cooldown,
+shorter than the answered store's TTL (24 h)."""
+CLOCK_WEARER = "clock-w"
+
+
+def set_clock_offset(path: Path, seconds: float) -> None:
+    """Move the daemon's wall clock (tools/clockshift.c reads this on every call)."""
+    with path.open("r+b") as f:
+        f.write(struct.pack("=q", int(seconds * 1e9)))
+
+
+def build_clockshift(workdir: Path) -> Path | None:
+    """tools/clockshift.c compiled for this machine, or None (no C compiler)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        say("no C compiler: wall_clock_jump is skipped")
+        return None
+    out = workdir / "clockshift.so"
+    source = REPO / "tools" / "clockshift.c"
+    done = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        say(f"cannot build {source.name}: wall_clock_jump is skipped\n{done.stderr}")
+        return None
+    return out
+
+
+def fault_wall_clock_jump(rig: Rig) -> Outcome:
+    """The daemon's wall clock set an hour or more forward or back (NTP correcting a Pi that
+    booted without a real-time clock), with a deadline and a vitals window in flight. Then:
+    the node's status carries the new time (the jump took), the query is answered with advice
+    (deadlines run on the monotonic clock), that advice still sees the summary sent before the
+    jump (so does the window), and a query answered before the jump, sent again, gets its
+    stored reply (the ledger checks the copies are byte-identical)."""
+    if rig.clock_file is None:
+        return True, "skipped: tools/clockshift.c could not be built", None
+    jumps = sum(f.kind == "wall_clock_jump" for f in rig.faults)
+    offset = CLOCK_JUMP_S if jumps % 2 == 0 else -CLOCK_JUMP_S
+    with rig.ledger.lock:
+        answered = [q for q in rig.ledger.queries.values() if len(q.finals) == 1]
+    again = answered[-1] if answered else None
+    summary = {"ts": time.time(), "heart_rate": 80, "spo2": 97, "resp_rate": 16}
+    rig.gateway.publish(f"{P}/{CLOCK_WEARER}/vitals", json.dumps(summary).encode())
+    time.sleep(0.5)  # handled before the jump
+    timed = rig.load.query(wearer=CLOCK_WEARER, deadline_s=30.0)
+    set_clock_offset(rig.clock_file, offset)
+    took = _status_after_jump(rig, offset)
+    if again is not None:
+        rig.load._send(again)
+    answered_in_time = _wait_final(rig, timed, 30.0)
+    body = json.loads(timed.finals[0]) if timed.finals else {}
+    advice = "text" in body
+    in_window = (body.get("triage") or {}).get("news2") is not None
+    resent = again is None or _wait_finals(again, 2, 30.0)
+    note = (
+        f"clock {offset:+.0f} s: status ts moved {took}; deadline query answered with advice "
+        f"{answered_in_time and advice}, pre-jump vitals in its window {in_window}; "
+        f"an answered query re-sent got a reply {resent}"
+    )
+    return took and answered_in_time and advice and in_window and resent, note, None
+
+
+def _status_after_jump(rig: Rig, offset: float) -> bool:
+    """Whether a status the daemon publishes after the jump carries the shifted time."""
+    seen = threading.Event()
+    now = time.time
+
+    def on_status(topic: str, payload: bytes) -> None:
+        try:
+            ts = float(json.loads(payload).get("ts"))
+        except (ValueError, TypeError, AttributeError):
+            return
+        if abs(ts - (now() + offset)) < 30:
+            seen.set()
+
+    topic = f"{P}/_node/{rig.config['node_id']}/status"
+    watcher = Client(rig.broker.port, f"soak-clock-{os.getpid()}", [topic], on_status)
+    try:
+        return seen.wait(3 * rig.config["status"]["interval_s"])
+    finally:
+        watcher.close()
+
+
+def _wait_finals(q: SentQuery, count: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(q.finals) < count:
+        time.sleep(0.05)
+    return len(q.finals) >= count
+
+
 FAULTS: dict[str, Callable[[Rig], Outcome]] = {
     "daemon_sigkill": fault_daemon_sigkill,
     "daemon_sigterm": fault_daemon_sigterm,
@@ -942,10 +1071,7 @@ FAULTS: dict[str, Callable[[Rig], Outcome]] = {
     "state_dir_full": fault_state_dir_full,
     "state_dir_full_long": fault_state_dir_full_long,
     "state_dir_readonly": fault_state_dir_readonly,
-}
-NOT_BUILT = {
-    "wall_clock_jump": "needs libfaketime (apt package faketime) in the daemon's environment; "
-    "not built",
+    "wall_clock_jump": fault_wall_clock_jump,
 }
 
 
@@ -1073,6 +1199,32 @@ def query_report(led: Ledger) -> dict[str, Any]:
     }
 
 
+def stored_report(rig: Rig) -> dict[str, Any]:
+    """Every final reply received since the store was last damaged on purpose is in the
+    daemon's answered store, byte for byte, read from the SQLite file itself: each was stored
+    before it went out, and a query is acknowledged only once its reply is out, so no query was
+    acknowledged without a stored reply."""
+    with rig.ledger.lock:
+        sent = [
+            q
+            for q in rig.ledger.queries.values()
+            if q.finals and (q.first_final_at or 0.0) > rig.store_reset_at
+        ]
+    path = rig.state_dir / STORE_FILE
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT wearer, id, payload FROM answered").fetchall()
+    finally:
+        db.close()
+    stored = {(wearer, qid): bytes(payload) for wearer, qid, payload in rows}
+    unstored = [f"{q.wearer}/{q.qid}" for q in sent if stored.get((q.wearer, q.qid)) != q.finals[0]]
+    return {
+        "replies_checked_in_store": len(sent),
+        "replies_sent_unstored": len(unstored),
+        "replies_sent_unstored_ids": unstored[:50],
+    }
+
+
 def alert_report(led: Ledger) -> dict[str, Any]:
     with led.lock:
         accepted = [a for a, s in led.summaries.items() if broker_has(s.info)]
@@ -1103,9 +1255,9 @@ def build_report(rig: Rig) -> dict[str, Any]:
         "wall_s": round(time.monotonic() - rig.started, 1),
         **query_report(rig.ledger),
         **alert_report(rig.ledger),
+        **stored_report(rig),
         "faults": dict(faults),
         "faults_not_recovered": dict(failed),
-        "faults_not_built": dict(NOT_BUILT),
         "fault_log": [f.__dict__ for f in rig.faults],
         "unexpected_daemon_exits": rig.daemon.unexpected_exits,
         **memory_report(rig),
@@ -1123,6 +1275,7 @@ def build_report(rig: Rig) -> dict[str, Any]:
         report["lost_queries"]
         or report["lost_alerts"]
         or report["nonidentical_duplicates"]
+        or report["replies_sent_unstored"]
         or failed
         or rig.daemon.unexpected_exits
         or report["fuzz_taken_as_queries"]
@@ -1144,6 +1297,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['lost_alerts']}, duplicates {r['duplicate_alerts']}",
         f"fuzz      sent {r['fuzz_sent']}, error replies {sum(r['fuzz_error_replies'].values())}, "
         f"taken as queries {r['fuzz_taken_as_queries']}",
+        f"stored    {r['replies_checked_in_store']} final replies looked up in the answered "
+        f"store, SENT UNSTORED {r['replies_sent_unstored']}",
         f"faults    {faults}; not recovered: {failed}",
         f"daemon    unexpected exits {len(r['unexpected_daemon_exits'])}, restart-to-ready "
         f"p50 {r['restart_to_ready_s']['p50']} s max {r['restart_to_ready_s']['max']} s",
@@ -1286,6 +1441,13 @@ def soak(p: Profile, workdir: Path) -> dict[str, Any]:
         "WATCHDOG_USEC": "4000000",
         "RUNTIME_DIRECTORY": str(workdir / "run"),
     }
+    clock_file = None
+    if "wall_clock_jump" in {*p.cycle, *(QUIET_CYCLE if p.quiet_tail_s else ())}:
+        shim = build_clockshift(workdir)
+        if shim is not None:
+            clock_file = workdir / "clock-offset"
+            clock_file.write_bytes(struct.pack("=q", 0))
+            env.update(LD_PRELOAD=str(shim), EDGED_CLOCKSHIFT_FILE=str(clock_file))
     daemon = Daemon(workdir, env)
     rig = Rig(
         p,
@@ -1296,6 +1458,7 @@ def soak(p: Profile, workdir: Path) -> dict[str, Any]:
         daemon_config(broker.port, state_dir, p),
         state_dir,
         tmpfs,
+        clock_file,
     )
     stop_sampling = threading.Event()
     try:
