@@ -86,7 +86,8 @@ P = "edged/v1"
 READY = "topic filters: ready"
 RELOADED = "reloaded:"
 RELOAD_FAILED = "reload failed"
-MARKS = (READY, RELOADED, RELOAD_FAILED)
+CLOCK_SET = "the wall clock was set"
+MARKS = (READY, RELOADED, RELOAD_FAILED, CLOCK_SET)
 RECOVER_TIMEOUT_S = 60.0
 FINAL_ERRORS_OK = {"cancelled": "cancel", "deadline_exceeded": "deadline"}
 """Error replies a query deserves when it asked for them (a cancel sent, a deadline given)."""
@@ -998,10 +999,10 @@ def build_clockshift(workdir: Path) -> Path | None:
 def fault_wall_clock_jump(rig: Rig) -> Outcome:
     """The daemon's wall clock set an hour or more forward or back (NTP correcting a Pi that
     booted without a real-time clock), with a deadline and a vitals window in flight. Then:
-    the node's status carries the new time (the jump took), the query is answered with advice
-    (deadlines run on the monotonic clock), that advice still sees the summary sent before the
-    jump (so does the window), and a query answered before the jump, sent again, gets its
-    stored reply (the ledger checks the copies are byte-identical)."""
+    the node's status carries the new time (the jump took), the daemon logs the step, the query
+    is answered with advice (deadlines run on the monotonic clock), that advice still sees the
+    summary sent before the jump (so does the window), and a query answered before the jump,
+    sent again, gets its stored reply (the ledger checks the copies are byte-identical)."""
     if rig.clock_file is None:
         return True, "skipped: tools/clockshift.c could not be built", None
     jumps = sum(f.kind == "wall_clock_jump" for f in rig.faults)
@@ -1013,8 +1014,10 @@ def fault_wall_clock_jump(rig: Rig) -> Outcome:
     rig.gateway.publish(f"{P}/{CLOCK_WEARER}/vitals", json.dumps(summary).encode())
     time.sleep(0.5)  # handled before the jump
     timed = rig.load.query(wearer=CLOCK_WEARER, deadline_s=30.0)
+    logged_before = rig.daemon.watch.poll()[CLOCK_SET]
     set_clock_offset(rig.clock_file, offset)
     took = _status_after_jump(rig, offset)
+    logged = rig.daemon.watch.wait(CLOCK_SET, logged_before, 10.0)
     if again is not None:
         rig.load._send(again)
     answered_in_time = _wait_final(rig, timed, 30.0)
@@ -1023,11 +1026,12 @@ def fault_wall_clock_jump(rig: Rig) -> Outcome:
     in_window = (body.get("triage") or {}).get("news2") is not None
     resent = again is None or _wait_finals(again, 2, 30.0)
     note = (
-        f"clock {offset:+.0f} s: status ts moved {took}; deadline query answered with advice "
+        f"clock {offset:+.0f} s: status ts moved {took}, the step logged {logged}; "
+        f"deadline query answered with advice "
         f"{answered_in_time and advice}, pre-jump vitals in its window {in_window}; "
         f"an answered query re-sent got a reply {resent}"
     )
-    return took and answered_in_time and advice and in_window and resent, note, None
+    return took and logged and answered_in_time and advice and in_window and resent, note, None
 
 
 def _status_after_jump(rig: Rig, offset: float) -> bool:

@@ -24,6 +24,17 @@ def apply_decision(decision: GovernorDecision, backend: InferenceBackend | None)
         backend.set_parallelism(decision.threads)
 
 
+CLOCK_STEP_S = 60.0
+"""A change of the wall clock against the monotonic one larger than this is logged."""
+
+
+def clock_step(offset_before: float, offset_now: float) -> float | None:
+    """How far the wall clock was set between two readings of time.time() - time.monotonic(),
+    or None for drift (NTP slewing moves it by milliseconds)."""
+    step = offset_now - offset_before
+    return step if abs(step) > CLOCK_STEP_S else None
+
+
 class Ticker:
     def __init__(
         self,
@@ -49,9 +60,16 @@ class Ticker:
 
     def _run(self) -> None:
         next_governor = next_status = time.monotonic()
+        clock_offset = time.time() - next_status
         while not self._stopping.is_set():
             cfg = self._config()
             now = time.monotonic()
+            offset, clock_offset = clock_offset, time.time() - now
+            step = clock_step(offset, clock_offset)
+            if step is not None:
+                # Worth a line: alert and status `ts` follow the new time, while deadlines, the
+                # vitals window and the alert cooldown run on the monotonic clock, unmoved.
+                log.warning("the wall clock was set %+.0f s (NTP or by hand)", step)
             if cfg.governor.enabled and now >= next_governor:
                 next_governor = now + cfg.governor.interval_s
                 if self._tick_governor(now):
