@@ -59,6 +59,27 @@ def test_membership_counts_live_members_of_this_group_only() -> None:
     assert read_status(b"not json") is None and m.live(now) == ["node-a"]
 
 
+def test_each_change_of_membership_is_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="edged.service.group")
+    m = GroupMembership(GROUP, "node-a", status_interval_s=30)
+    for payload in (
+        _status("online", 1.0),
+        _status("degraded", 2.0),  # still a member: no line
+        b'{"state":"offline"}',
+        _status("online", 3.0, group="other"),  # another group's: not ours, no line
+        _status("online", 4.0),
+        b"",  # its retained status deleted
+    ):
+        m.observe("node-b", payload, 0.0)
+    m.observe("node-a", _status("online", 5.0), 0.0)  # this node's own status: no line
+    assert [r.getMessage() for r in caplog.records] == [
+        f"share group {GROUP}: node-b joined",
+        f"share group {GROUP}: node-b left",
+        f"share group {GROUP}: node-b joined",
+        f"share group {GROUP}: node-b left",
+    ]
+
+
 def test_a_backup_publishes_only_what_a_silent_owner_did_not() -> None:
     from edged.service.group import AlertBackup
     from edged.service.outcomes import Publish
@@ -220,7 +241,9 @@ def test_a_killed_node_loses_nothing_when_it_restarts(
     try:
         for proc in procs.values():
             proc.wait_log("topic filters: ready", count=2)  # both connections
-        time.sleep(2.5)  # each has read the other's status
+        for node, proc in procs.items():  # each has read the other's status
+            (other,) = set(procs) - {node}
+            proc.wait_log(f"share group {GROUP}: {other} joined")
         ids = [f"k{i}" for i in range(12)]
         for i, qid in enumerate(ids):
             gateway.publish(f"{P}/w{i % 6}/query", {"id": qid, "text": "Am I ok?"})

@@ -93,11 +93,19 @@ class GroupMembership:
         """Record `node`'s status (`now`: time.monotonic()); the alerts this node held as its
         backup and no longer needs to publish, when the status shows the owner alive."""
         status = read_status(payload)
+        before = self._members.pop(node, None) if status is None else self._members.get(node)
+        if status is not None:
+            self._members[node] = status
+        if node != self.me and self._member(before) != self._member(status):
+            # One line per change, for the operator (and for tests to wait on).
+            joined = "joined" if self._member(status) else "left"
+            log.info("share group %s: %s %s", self.group, node, joined)
         if status is None:
-            self._members.pop(node, None)
             return []
-        self._members[node] = status
         return self.backup.alive(node, now) if status.state in LIVE_STATES else []
+
+    def _member(self, status: MemberStatus | None) -> bool:
+        return status is not None and status.group == self.group and status.state in LIVE_STATES
 
     def live(self, now: float) -> list[str]:
         """The live members, this node always among them (it is running this code)."""
