@@ -175,3 +175,33 @@ def test_an_in_memory_store_works_like_a_file_one() -> None:
         assert store.path is None and len(store) == 1
     finally:
         store.close()
+
+
+def test_a_store_reads_through_to_a_durable_file_it_never_writes(tmp_path: Path) -> None:
+    durable_path = tmp_path / "disk" / "answers.db"
+    durable = AnswerStore(durable_path, ttl_s=TTL_S)
+    durable.put("w1", "old", "t", b"answered before the card went read-only", None)
+    # Left open, as after a crash: the reply is in the -wal file, read with mode=ro.
+    degraded = AnswerStore(tmp_path / "ram" / "answers.db", TTL_S, read_through=durable_path)
+    try:
+        old = degraded.get("w1", "old")
+        assert old is not None and old.payload == b"answered before the card went read-only"
+        degraded.put("w1", "new", "t", b"answered while degraded", None)
+        assert len(degraded) == 1  # counts what it holds itself
+        assert durable.get("w1", "new") is None  # never written through
+    finally:
+        degraded.close()
+        durable.close()
+
+
+def test_a_read_through_file_that_cannot_be_read_is_left_out(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-store.db"
+    bad.write_bytes(os.urandom(8192))
+    store = AnswerStore(None, TTL_S, read_through=bad)
+    try:
+        assert store.get("w1", "q1") is None
+        store.put("w1", "q1", "t", b"p", None)
+        reply = store.get("w1", "q1")
+        assert reply is not None and reply.payload == b"p"
+    finally:
+        store.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edged.domain import NodeState
+from edged.service.answer_store import AnswerStore
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
 from tests._mqtt import DaemonProcess, P, TestClient, daemon_config, mosquitto_pub, reply_to
@@ -127,13 +128,13 @@ def test_edged_run_on_an_unusable_state_dir_says_so_in_one_line_and_serves(
 
 
 @pytest.fixture
-def read_only_mount(tmp_path: Path) -> Iterator[Path]:
-    """A real read-only file system (the SD card the kernel remounted ro): root only."""
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MB file system of its own (root only), to make read-only or fill."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "ro-state"
+    mount = tmp_path / "card"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,ro", "tmpfs", str(mount)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mount
@@ -141,15 +142,65 @@ def read_only_mount(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_read_only_state_dir_is_served_degraded_from_ram(
+def _answer_before(state_dir: Path, query_id: str) -> bytes:
+    """A reply a previous run stored (and closed cleanly, so no -wal file is left)."""
+    payload = json.dumps({"id": query_id, "text": "stored by the previous run"}).encode()
+    store = AnswerStore(state_dir / "answered.sqlite3", ttl_s=3600)
+    store.put("w1", query_id, f"{P}/w1/advice", payload, None)
+    store.close()
+    return payload
+
+
+def test_a_read_only_card_is_served_degraded_and_its_old_replies_still_read(
     start_daemon: Callable[..., Daemon],
     gateway: TestClient,
     runtime_dir: Path,
-    read_only_mount: Path,
+    small_tmpfs: Path,
 ) -> None:
-    daemon = start_daemon(delivery={"state_dir": str(read_only_mount)})
+    old = _answer_before(small_tmpfs, "q-before")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    daemon = start_daemon(delivery={"state_dir": str(small_tmpfs)})
     assert daemon.state == NodeState.DEGRADED
     error = gateway.wait_for(lambda r: r.topic == NODE_ERROR, timeout=5).json()
     assert "cannot be written" in error["message"]
+    # Answered before the card went read-only: redelivered, it gets that answer, not a new one.
+    assert _ask(gateway, "q-before") == old
     first = _ask(gateway, "q-ro")
     assert _ask(gateway, "q-ro") == first
+
+
+def test_a_full_disk_at_start_keeps_the_answered_store(
+    start_daemon: Callable[..., Daemon],
+    gateway: TestClient,
+    runtime_dir: Path,
+    small_tmpfs: Path,
+) -> None:
+    """Found while building the read-only case: opening the store on a full disk failed with
+    `disk I/O error`, which was taken for damage, and the good store was set aside (then the
+    start failed anyway). Full storage is not damage: nothing is set aside."""
+    old = _answer_before(small_tmpfs, "q-before")
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+        except OSError:
+            pass
+    daemon = start_daemon(delivery={"state_dir": str(small_tmpfs)})
+    assert not list(small_tmpfs.glob("*.damaged-*"))
+    assert _ask(gateway, "q-before") == old
+    (small_tmpfs / "filler").unlink()
+    first = _ask(gateway, "q-new")  # stored in RAM, or held until the disk took it
+    assert _ask(gateway, "q-new") == first
+    daemon.stop()
+    # The next start, with room, has both replies in the durable store.
+    start_daemon(delivery={"state_dir": str(small_tmpfs)})
+    store = AnswerStore(small_tmpfs / "answered.sqlite3", ttl_s=3600)
+    try:
+        assert {
+            r.payload for r in (store.get("w1", "q-before"), store.get("w1", "q-new")) if r
+        } == {
+            old,
+            first,
+        }
+    finally:
+        store.close()

@@ -46,21 +46,36 @@ class StoredReply:
 
 
 class AnswerStore:
-    def __init__(self, path: Path | None, ttl_s: float) -> None:
-        """`path` None: in this process's memory, the last resort of a degraded node
-        (edged.service.store_place)."""
+    def __init__(self, path: Path | None, ttl_s: float, read_through: Path | None = None) -> None:
+        """`path` None: in this process's memory. `read_through`: a store file to look replies
+        up in as well, never written: the durable store of a node that can no longer write it
+        (edged.service.store_place), so that a query answered before its SD card went
+        read-only still gets its first answer."""
         self.path = path
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         if path is None:
             self._db = self._open(":memory:")
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = self._open_or_set_aside(path)
+        self._schemas: tuple[str, ...] = ("main",)
+        if read_through is not None and read_through.exists():
+            self._attach_read_only(read_through)
+
+    def _open_or_set_aside(self, path: Path) -> sqlite3.Connection:
         db = None
         try:
-            db = self._db = self._open(path)
+            db = self._open(path)
+            self._db = db
             self.purge()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:
+            # Full, read-only or failing storage (SQLITE_FULL, _IOERR, _READONLY, _CANTOPEN):
+            # nothing says the file is damaged, so it is never set aside for that.
+            if db is None:
+                raise
+            log.warning("answered store %s: purge at start failed (%s); kept as it is", path, exc)
+        except sqlite3.DatabaseError as exc:  # SQLITE_CORRUPT, SQLITE_NOTADB
             if db is not None:  # opened, but the purge found damage the read-through missed
                 db.close()
             # A power cut or a failing SD card can leave the file unreadable. Refusing to start
@@ -78,7 +93,8 @@ class AnswerStore:
                 part = Path(f"{path}{suffix}")
                 if part.exists():
                     part.rename(f"{aside}{suffix}")
-            self._db = self._open(path)
+            db = self._open(path)
+        return db
 
     @staticmethod
     def _open(path: Path | str) -> sqlite3.Connection:
@@ -86,7 +102,7 @@ class AnswerStore:
         not at the first lookup."""
         # One connection shared by the MQTT thread (lookups) and the worker (inserts), so a
         # lock serialises them; each statement takes well under a millisecond.
-        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, uri=True)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -97,16 +113,44 @@ class AnswerStore:
             raise
         return db
 
+    def _attach_read_only(self, path: Path) -> None:
+        """`mode=ro` reads a WAL store left by a crash (its -wal and -shm files exist);
+        `immutable=1` one closed cleanly on a read-only file system, where SQLite could not
+        create the -shm file `mode=ro` needs."""
+        for flags in ("mode=ro", "immutable=1"):
+            try:
+                self._db.execute("ATTACH DATABASE ? AS durable", (f"file:{path}?{flags}",))
+            except sqlite3.Error:
+                continue
+            try:
+                self._db.execute("SELECT count(*) FROM durable.answered").fetchone()
+            except sqlite3.Error:
+                self._db.execute("DETACH DATABASE durable")
+                continue
+            self._schemas = ("main", "durable")
+            log.info("answered store: replies stored before are read from %s", path)
+            return
+        log.warning("answered store: %s cannot be read either; its replies are not served", path)
+
     def get(self, wearer: str, query_id: str) -> StoredReply | None:
         """The stored reply, however old: only the purge forgets one. A lookup that judged age
         by the wall clock would take a clock set forward (a Pi without a real-time clock,
         corrected by NTP) for the TTL passing, and generate a redelivered query again."""
+        row = None
         with self._lock:
-            row = self._db.execute(
-                "SELECT topic, payload, correlation, answered_at FROM answered "
-                "WHERE wearer = ? AND id = ?",
-                (wearer, query_id),
-            ).fetchone()
+            for schema in self._schemas:
+                try:
+                    row = self._db.execute(
+                        "SELECT topic, payload, correlation, answered_at "
+                        f"FROM {schema}.answered WHERE wearer = ? AND id = ?",
+                        (wearer, query_id),
+                    ).fetchone()
+                except sqlite3.Error as exc:
+                    if schema == "main":
+                        raise
+                    log.warning("answered store: reading %s failed (%s)", schema, exc)
+                if row is not None:
+                    break
         if row is None:
             return None
         return StoredReply(

@@ -8,8 +8,9 @@ restarting into the same error every few seconds). So the daemon comes up `degra
 loudly (log, node error topic), and keeps its answered store in the runtime directory: systemd's
 `RuntimeDirectory=edged` (/run/edged, kept across restarts by `RuntimeDirectoryPreserve=restart`),
 or /dev/shm/edged-<node> without systemd. Both are tmpfs: a redelivery after a daemon crash or a
-broker restart still gets the stored reply byte-identical; only a power cut loses them. The next
-start on a usable state dir takes the volatile replies over into the durable store.
+broker restart still gets the stored reply byte-identical; only a power cut loses them. Replies
+the durable file already holds are still looked up there, read-only (a read-only card can still
+be read). The next start on a usable state dir takes the volatile replies over into it.
 """
 
 from __future__ import annotations
@@ -47,21 +48,28 @@ def volatile_dir(node_id: str) -> Path:
 
 def open_answer_store(state_dir: Path, node_id: str, ttl_s: float) -> StorePlace:
     volatile = volatile_dir(node_id)
+    durable = state_dir / STORE_NAME
     problem = state_dir_problem(state_dir, create=True)
     if problem is None:
-        store = AnswerStore(state_dir / STORE_NAME, ttl_s)
-        _take_over(store, volatile / STORE_NAME)
-        return StorePlace(store, None)
+        try:
+            store = AnswerStore(durable, ttl_s)
+        except (OSError, sqlite3.Error) as exc:  # a full disk at start, failing storage
+            problem = f"delivery.state_dir = '{state_dir}': {STORE_NAME} cannot be opened ({exc})"
+        else:
+            _take_over(store, volatile / STORE_NAME)
+            return StorePlace(store, None)
+    # Replies go to RAM; those the durable file holds are still looked up there, read-only.
+    read_through = durable if durable.is_file() else None
     try:
         volatile.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Replies are health data: never in a directory someone else owns or can read.
         if volatile.stat().st_uid != os.geteuid() or volatile.stat().st_mode & 0o077:
             raise PermissionError(f"{volatile} is not private to this user")
-        store = AnswerStore(volatile / STORE_NAME, ttl_s)
+        store = AnswerStore(volatile / STORE_NAME, ttl_s, read_through)
         where = f"{volatile} (RAM: kept across daemon restarts, lost on power loss)"
     except (OSError, sqlite3.Error) as exc:
         log.error("volatile answered store at %s cannot be used either (%s)", volatile, exc)
-        store = AnswerStore(None, ttl_s)
+        store = AnswerStore(None, ttl_s, read_through)
         where = "this process's memory (lost when the daemon restarts)"
     problem = f"{problem}; answered queries are stored in {where} until that is fixed"
     log.error("%s: serving degraded", problem)
