@@ -18,6 +18,7 @@ from edged.domain import NodeState
 from edged.service.answer_store import AnswerStore
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
+from edged.service.store_place import read_only_mount
 from tests._mqtt import DaemonProcess, P, TestClient, daemon_config, mosquitto_pub, reply_to
 
 STATUS = f"{P}/_node/test-node/status"
@@ -204,3 +205,52 @@ def test_a_full_disk_at_start_keeps_the_answered_store(
         }
     finally:
         store.close()
+
+
+def _mountinfo(root: Path, *lines: str) -> Path:
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/mountinfo").write_text("".join(f"{line}\n" for line in lines))
+    return root
+
+
+ROOT_RW = "27 1 254:0 / / rw,relatime - ext4 /dev/mmcblk0p2 rw"
+
+
+def test_a_card_remounted_read_only_is_seen_in_mountinfo(tmp_path: Path) -> None:
+    """The kernel's format (proc(5)); a fake tree, since a live remount of a file system the
+    daemon writes cannot be made here (EBUSY while a file is open for writing)."""
+    state = Path("/var/lib/edged")
+    root = _mountinfo(
+        tmp_path / "a",
+        ROOT_RW,
+        # errors=remount-ro: the per-mount options may still say rw; the superblock's say ro
+        "40 27 179:3 / /var/lib rw,relatime - ext4 /dev/mmcblk0p3 ro,errors=remount-ro",
+    )
+    assert read_only_mount(root, state)
+    root = _mountinfo(tmp_path / "b", ROOT_RW, "40 27 179:3 / /var/lib ro,relatime - ext4 x rw")
+    assert read_only_mount(root, state)
+    # A read-write mount deeper down, over the read-only one, is where the store lives.
+    root = _mountinfo(
+        tmp_path / "c",
+        "27 1 254:0 / / ro,relatime - ext4 /dev/root ro",
+        "41 27 0:50 / /var/lib/edged rw,relatime - tmpfs tmpfs rw",
+    )
+    assert not read_only_mount(root, state)
+    assert read_only_mount(root, Path("/var/lib/edged-other"))  # on /, not /var/lib/edged
+    # The same mount point twice: the later mount shadows the earlier.
+    root = _mountinfo(
+        tmp_path / "d",
+        ROOT_RW,
+        "40 27 0:50 / /var/lib rw - tmpfs tmpfs rw",
+        "42 40 0:51 / /var/lib ro - tmpfs tmpfs ro",
+    )
+    assert read_only_mount(root, state)
+    root = _mountinfo(tmp_path / "e", ROOT_RW, r"40 27 0:50 / /srv/my\040card ro - vfat x ro")
+    assert read_only_mount(root, Path("/srv/my card/state"))
+    assert not read_only_mount(tmp_path / "no-proc", state)
+
+
+def test_a_real_read_only_mount_is_seen(small_tmpfs: Path) -> None:
+    assert not read_only_mount(Path("/"), small_tmpfs / "state")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    assert read_only_mount(Path("/"), small_tmpfs / "state")

@@ -45,7 +45,7 @@ from edged.service.outbox import Outbox
 from edged.service.outcomes import Publish
 from edged.service.prometheus import MetricsServer, serve_metrics
 from edged.service.reload import plan_reload
-from edged.service.store_place import open_answer_store
+from edged.service.store_place import open_answer_store, read_only_mount
 from edged.service.ticker import Ticker, apply_decision
 from edged.service.worker import Worker
 
@@ -215,6 +215,9 @@ class Daemon:
         stalled = time.monotonic() - self._worker.heartbeat
         if stalled > self._config.service.stall_timeout_s:
             return False, f"inference worker stalled for {stalled:.0f} s"
+        c = self._config  # a card gone read-only never takes the held replies: a restart serves
+        if self._delivery.holding and read_only_mount(c.governor.sensor_root, c.delivery.state_dir):
+            return False, f"delivery.state_dir {c.delivery.state_dir} went read-only"
         return True, "ok"
 
     # -- live reload -----------------------------------------------------------------------

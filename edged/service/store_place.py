@@ -89,3 +89,27 @@ def _take_over(store: AnswerStore, volatile: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{volatile}{suffix}").unlink(missing_ok=True)
     log.info("took over %d answered queries from the volatile store %s", moved, volatile)
+
+
+def read_only_mount(root: Path, path: Path) -> bool:
+    """Whether `path` lies on a mount that is read-only now, from `root`/proc/self/mountinfo
+    (`root`: governor.sensor_root). The kernel remounts an SD card read-only on I/O errors
+    (errors=remount-ro) while the daemon runs; its store then refuses every reply for good."""
+    try:
+        lines = (root / "proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    target = os.path.realpath(path) if root == Path("/") else str(path)
+    best, read_only = -1, False
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+        head, _, tail = line.partition(" - ")
+        fields, super_fields = head.split(), tail.split()
+        if len(fields) < 6 or len(super_fields) < 3:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= best:  # the deepest mount; a later one shadows an earlier
+            best = len(mount)
+            read_only = "ro" in fields[5].split(",") or "ro" in super_fields[2].split(",")
+    return read_only
