@@ -292,7 +292,8 @@ def test_a_file_in_place_of_the_state_dir_fails_naming_delivery_state_dir(
     assert checks["broker"]["status"] == "ok"
     assert checks["state_dir"]["status"] == "fail"
     assert checks["state_dir"]["summary"] == (
-        f"delivery.state_dir = '{state}': exists and is not a directory"
+        f"delivery.state_dir = '{state}': exists and is not a directory; "
+        "edged run would serve degraded, its answered store in RAM"
     )
 
 

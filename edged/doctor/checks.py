@@ -367,12 +367,15 @@ class StateDirResult:
     """Who the check ran as: the daemon's service user may differ."""
 
 
+DEGRADED_STORE = "edged run would serve degraded, its answered store in RAM"
+
+
 def state_dir_check(result: StateDirResult) -> Check:
     detail = asdict(result)
     if result.error is not None:
-        return Check(
-            "state_dir", "fail", f"delivery.state_dir = '{result.path}': {result.error}", detail
-        )
+        # Not fatal to the daemon (edged.service.store_place), but a power cut loses answers.
+        summary = f"delivery.state_dir = '{result.path}': {result.error}"
+        return Check("state_dir", "fail", f"{summary}; {DEGRADED_STORE}", detail)
     free = f", {result.free_mb:.0f} MB free" if result.free_mb is not None else ""
     made = "" if result.existed else " (it does not exist yet; the daemon creates it)"
     return Check(
