@@ -65,6 +65,11 @@ class InboundMessage:
     ack: AckToken
 
 
+def _write_on_network_thread(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """paho's external-loop hook, set so that paho never writes from the publishing thread; the
+    network thread's loop() writes what is queued (see MqttTransport._make_client)."""
+
+
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter (AWS architecture blog, 2015): uniform in
     [low, min(high, low * 2**attempt)]."""
@@ -278,6 +283,15 @@ class MqttTransport:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        # All socket I/O on the network thread. Without an external-loop callback, paho 2.2's
+        # publish() and ack() write to the socket inline in the calling thread (when paho runs
+        # no loop thread of its own, as here): that thread holds paho's outgoing-message lock
+        # and, once a QoS 0 packet is out, waits for its callback lock to run on_publish, while
+        # the network thread, inside on_message holding the callback lock, publishes a reply
+        # and waits for the outgoing-message lock. A deadlock of every thread, found by
+        # tools/soak.py after 56 minutes (tests/test_transport_threads.py). With this callback
+        # set, paho only queues the packet and wakes loop()'s select through its socket pair.
+        client.on_socket_register_write = _write_on_network_thread
         client.suppress_exceptions = True
         return client
 
