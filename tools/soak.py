@@ -840,12 +840,14 @@ def _sighup(rig: Rig, mark: str, **override: Any) -> Outcome:
 
 
 def _wait_final(rig: Rig, q: SentQuery, timeout: float) -> bool:
+    return _wait_finals(q, 1, timeout)
+
+
+def _wait_finals(q: SentQuery, count: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if q.finals:
-            return True
+    while time.monotonic() < deadline and len(q.finals) < count:
         time.sleep(0.05)
-    return False
+    return len(q.finals) >= count
 
 
 def fault_sighup_valid(rig: Rig) -> Outcome:
@@ -1053,13 +1055,6 @@ def _status_after_jump(rig: Rig, offset: float) -> bool:
         return seen.wait(3 * rig.config["status"]["interval_s"])
     finally:
         watcher.close()
-
-
-def _wait_finals(q: SentQuery, count: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(q.finals) < count:
-        time.sleep(0.05)
-    return len(q.finals) >= count
 
 
 FAULTS: dict[str, Callable[[Rig], Outcome]] = {
@@ -1450,7 +1445,8 @@ def soak(p: Profile, workdir: Path) -> dict[str, Any]:
         shim = build_clockshift(workdir)
         if shim is not None:
             clock_file = workdir / "clock-offset"
-            clock_file.write_bytes(struct.pack("=q", 0))
+            clock_file.touch()
+            set_clock_offset(clock_file, 0)
             env.update(LD_PRELOAD=str(shim), EDGED_CLOCKSHIFT_FILE=str(clock_file))
     daemon = Daemon(workdir, env)
     rig = Rig(

@@ -45,6 +45,11 @@ class StoredReply:
     answered_at: float
 
 
+def store_files(path: Path) -> list[Path]:
+    """The database and the WAL files SQLite keeps beside it."""
+    return [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")]
+
+
 class AnswerStore:
     def __init__(self, path: Path | None, ttl_s: float, read_through: Path | None = None) -> None:
         """`path` None: in this process's memory. `read_through`: a store file to look replies
@@ -89,10 +94,9 @@ class AnswerStore:
                 exc,
                 aside,
             )
-            for suffix in ("", "-wal", "-shm"):
-                part = Path(f"{path}{suffix}")
+            for part, moved in zip(store_files(path), store_files(aside), strict=True):
                 if part.exists():
-                    part.rename(f"{aside}{suffix}")
+                    part.rename(moved)
             db = self._open(path)
         return db
 

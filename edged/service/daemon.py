@@ -100,10 +100,9 @@ class Daemon:
         config, decision, c = self._current_config, self._decision, self._config
         self._outbox = Outbox(*self._links)
         self._place = open_answer_store(c.delivery.state_dir, c.node_id, c.delivery.answered_ttl_s)
-        self._store = self._place.store
         network_counts, delivery_counts, worker_counts, query_counts = self._counts
         self._delivery = Delivery(
-            self._store, self._scheduler, self._outbox, delivery_counts, config, decision
+            self._place.store, self._scheduler, self._outbox, delivery_counts, config, decision
         )
         model = self.backend.info.name if self.backend else None
         self._announcer = announcer(self._config, self.topics, model, self._outbox)
@@ -194,7 +193,7 @@ class Daemon:
             link.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()  # before the store it counts closes
-        self._store.close()
+        self._place.store.close()
         self._stopped.set()
         log.info("edged stopped")
 
@@ -268,7 +267,7 @@ class Daemon:
             running=self._scheduler.running is not None,
             decode_tps=self._scheduler.decode_tps if counters.answered else None,
             uptime_s=time.monotonic() - self._started_at,
-            answered_stored=len(self._store),
+            answered_stored=len(self._place.store),
             model_load_s=self._model_load_s,
             group_members=len(self._members.live(time.time())) if self._members else None,
             counters=counters,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edged.config.loader import state_dir_problem
-from edged.service.answer_store import STORE_NAME, AnswerStore
+from edged.service.answer_store import STORE_NAME, AnswerStore, store_files
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ class StorePlace:
     store: AnswerStore
     problem: str | None
     """None: the store is durable in delivery.state_dir. Else why it is not, and where it is."""
-
-    @property
-    def durable(self) -> bool:
-        return self.problem is None
 
 
 def volatile_dir(node_id: str) -> Path:
@@ -86,8 +82,8 @@ def _take_over(store: AnswerStore, volatile: Path) -> None:
     except sqlite3.Error as exc:
         log.warning("replies in the volatile store %s could not be taken over (%s)", volatile, exc)
         return
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{volatile}{suffix}").unlink(missing_ok=True)
+    for part in store_files(volatile):
+        part.unlink(missing_ok=True)
     log.info("took over %d answered queries from the volatile store %s", moved, volatile)
 
 
