@@ -48,6 +48,8 @@ def test_publishing_from_other_threads_while_replying_on_the_network_thread(
 
     sink = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sink.on_message = count
+    subscribed = threading.Event()
+    sink.on_subscribe = lambda *args: subscribed.set()
     sink.connect("127.0.0.1", broker.port)
     sink.subscribe([("t/replies", 1), ("t/chunks", 1)])
     sink.loop_start()
@@ -57,7 +59,7 @@ def test_publishing_from_other_threads_while_replying_on_the_network_thread(
     link.start()
     try:
         assert link.wait_ready(10)
-        time.sleep(0.3)  # the sink's subscriptions are in place
+        assert subscribed.wait(5)  # the sink's SUBACK: its subscriptions are in place
 
         def chunks() -> None:  # stream chunks (QoS 0) and final replies (QoS 1), as the worker
             for n in range(EACH):
@@ -95,6 +97,8 @@ def test_publish_only_queues_and_the_network_thread_writes(
     got = threading.Event()
     sink = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sink.on_message = lambda c, u, m: got.set()
+    subscribed = threading.Event()
+    sink.on_subscribe = lambda *args: subscribed.set()
     sink.connect("127.0.0.1", broker.port)
     sink.subscribe("t/inline", 0)
     sink.loop_start()
@@ -103,7 +107,7 @@ def test_publish_only_queues_and_the_network_thread_writes(
         for _ in range(10):  # the handshake, as the network thread runs it
             client.loop(timeout=0.05)
         assert client.is_connected()
-        time.sleep(0.3)  # the sink's subscription is in place
+        assert subscribed.wait(5)  # the sink's SUBACK: its subscription is in place
         client.publish("t/inline", b"x", qos=0)
         assert not got.wait(0.5), "publish() wrote to the socket outside the network loop"
         client.loop(timeout=0.05)
