@@ -39,7 +39,9 @@ from edged.config.models import MqttConfig, TlsConfig
 
 log = logging.getLogger(__name__)
 
-_EARLY_ACK_TTL_S = 60.0
+_EARLY_ACK_MAX = 4096
+"""Acknowledgements kept for a publish() that has not registered its callback yet: it looks
+within microseconds, so only the newest few matter."""
 _STABLE_CONNECTION_S = 10.0
 
 
@@ -216,6 +218,7 @@ class MqttTransport:
             props.ContentType = "application/json"
             if correlation_data is not None:
                 props.CorrelationData = correlation_data
+        started = time.monotonic()
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             log.error(
@@ -223,10 +226,13 @@ class MqttTransport:
             )
             return False
         with self._lock:
+            acked_at = self._early.pop(info.mid, None)
             if qos == 0 or on_acked is None:
-                self._early.pop(info.mid, None)
                 return True
-            if self._early.pop(info.mid, None) is None:
+            # Only an acknowledgement seen since this publish began can be its own: paho's
+            # packet ids wrap at 65535, and an older one belongs to an earlier message that
+            # had the same id (acking the query then would ack it before its reply is out).
+            if acked_at is None or acked_at < started:
                 self._pending[info.mid] = on_acked
                 return True
         # The PUBACK beat us to the registration: the broker has it already.
@@ -236,8 +242,17 @@ class MqttTransport:
     def ack(self, token: AckToken) -> None:
         """Acknowledge an inbound QoS 1 message, if its connection is still the current one.
         Otherwise the broker redelivers it on the new connection, and that copy is acked."""
-        if token.qos == 0 or token.connection != self._connection or not self.connected:
+        if token.qos == 0:
             return
+        if token.connection != self._connection or not self.connected:
+            log.debug(
+                "not acking mid %d of connection %d: connection %d is current",
+                token.mid,
+                token.connection,
+                self._connection,
+            )
+            return
+        log.debug("ack mid %d on connection %d", token.mid, token.connection)
         self._client.ack(token.mid, token.qos)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -481,6 +496,14 @@ class MqttTransport:
             topic = msg.topic
         except UnicodeDecodeError:  # paho decodes topics as UTF-8 lazily
             topic = msg._topic.decode("utf-8", "replace")
+        log.debug(
+            "received mid %d (qos %d, dup %s) on connection %d: %s",
+            msg.mid,
+            msg.qos,
+            bool(msg.dup),
+            self._connection,
+            topic,
+        )
         message = InboundMessage(
             topic=topic,
             payload=bytes(msg.payload),
@@ -509,11 +532,12 @@ class MqttTransport:
             callback = self._pending.pop(mid, None)
             if callback is None:
                 now = time.monotonic()
+                # Every publish without a callback lands here too (a stream's QoS 0 chunks):
+                # the oldest entries go first, each in O(1).
+                self._early.pop(mid, None)
                 self._early[mid] = now
-                if len(self._early) > 256:
-                    self._early = {
-                        m: t for m, t in self._early.items() if now - t < _EARLY_ACK_TTL_S
-                    }
+                while len(self._early) > _EARLY_ACK_MAX:
+                    del self._early[next(iter(self._early))]
                 return
         try:
             callback()
