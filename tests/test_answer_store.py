@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edged.service.answer_store import AnswerStore
+from edged.service.answer_store import KEEP_DAMAGED, AnswerStore
 
 TTL_S = 60.0
 T0 = 1_000.0
@@ -147,6 +147,20 @@ def test_a_damaged_store_is_set_aside_and_the_daemon_starts_empty(
     (aside,) = tmp_path.glob("answered.sqlite3.damaged-*")
     assert aside.stat().st_size > 0  # kept for a post-mortem
     store.close()
+
+
+def test_only_the_newest_damaged_stores_are_kept(tmp_path: Path) -> None:
+    """A card that keeps corrupting the store must not fill up with set-aside copies (the
+    hour-long soak left 34 of them)."""
+    path = tmp_path / "answered.sqlite3"
+    rounds = KEEP_DAMAGED + 2
+    for n in range(rounds):  # all within a second or two: the names must not collide
+        AnswerStore(path, ttl_s=TTL_S).close()
+        path.write_bytes(b"round %d " % n + os.urandom(8192))
+    AnswerStore(path, ttl_s=TTL_S).close()
+    copies = tmp_path.glob("answered.sqlite3.damaged-*")
+    kept = sorted(p.read_bytes()[:7] for p in copies if not p.name.endswith(("-wal", "-shm")))
+    assert kept == [b"round %d" % n for n in range(rounds - KEEP_DAMAGED, rounds)]
 
 
 def test_absorb_copies_in_the_replies_this_store_lacks_and_keeps_its_own(tmp_path: Path) -> None:

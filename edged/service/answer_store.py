@@ -50,6 +50,35 @@ def store_files(path: Path) -> list[Path]:
     return [Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm")]
 
 
+KEEP_DAMAGED = 3
+"""Damaged stores kept for a post-mortem: a card that keeps failing must not fill up with them."""
+
+
+def _aside_name(path: Path) -> Path:
+    """`answered.sqlite3.damaged-<unix time>`, with `-<n>` if two are set aside in a second."""
+    stem = f"{path.name}.damaged-{int(time.time())}"
+    aside = path.with_name(stem)
+    n = 1
+    while any(part.exists() for part in store_files(aside)):
+        aside = path.with_name(f"{stem}-{n}")
+        n += 1
+    return aside
+
+
+def _drop_old_copies(path: Path) -> None:
+    """Keep the newest KEEP_DAMAGED set-aside stores (with their -wal and -shm)."""
+    copies = [
+        p
+        for p in path.parent.glob(f"{path.name}.damaged-*")
+        if not p.name.endswith(("-wal", "-shm"))
+    ]
+    copies.sort(key=lambda p: (p.stat().st_ctime_ns, p.name))
+    for old in copies[:-KEEP_DAMAGED]:
+        for part in store_files(old):
+            part.unlink(missing_ok=True)
+        log.warning("answered store: deleted the old damaged copy %s", old.name)
+
+
 class AnswerStore:
     def __init__(self, path: Path | None, ttl_s: float, read_through: Path | None = None) -> None:
         """`path` None: in this process's memory. `read_through`: a store file to look replies
@@ -86,7 +115,7 @@ class AnswerStore:
             # A power cut or a failing SD card can leave the file unreadable. Refusing to start
             # would stop the alerts too (systemd restarting into the same error); the replies
             # it held are lost either way. Set it aside for a post-mortem and start empty.
-            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            aside = _aside_name(path)
             log.error(
                 "answered store %s is unreadable (%s): moved to %s, starting empty; "
                 "redelivered queries answered before are generated again",
@@ -97,6 +126,7 @@ class AnswerStore:
             for part, moved in zip(store_files(path), store_files(aside), strict=True):
                 if part.exists():
                     part.rename(moved)
+            _drop_old_copies(path)
             db = self._open(path)
         return db
 
