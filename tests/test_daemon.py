@@ -472,6 +472,44 @@ def test_query_answered_after_daemon_killed_mid_generation(
         gateway.close()
 
 
+def test_a_query_the_broker_forgot_in_a_crash_is_answered_after_the_daemon_restarts(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """mosquitto acknowledges a query at once but saves its state only every ~2 s: a broker
+    SIGKILL forgets the last queries, and a daemon SIGKILL before it answers them lost them (the
+    soak's hour, issue #16). The daemon keeps every queued query until it is answered."""
+    config = daemon_config(broker.port, tmp_path / "state", governor={"pause_ms": 40})
+    gateway = TestClient(broker.port, [f"{P}/w1/#"], client_id="gw-forgot", persistent=True)
+    proc = DaemonProcess(config, tmp_path)
+    proc.start()
+    try:
+        proc.wait_log("topic filters: ready")
+        gateway.publish(f"{P}/w1/query", _query("forgot", max_tokens=60, stream=True))
+        gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice/stream")  # generating now
+        assert broker.process is not None
+        broker.process.kill()  # the broker crashes, and restarts without its state:
+        broker.process.wait(10)
+        (broker.workdir / "mosquitto.db").unlink(missing_ok=True)  # its last save predates it
+        proc.kill()
+        broker.start()
+        proc.start()
+        reply = gateway.wait_for(reply_to("forgot"), timeout=30)
+        assert reply.json()["finish_reason"] == "length"
+        assert reply.json()["usage"]["completion_tokens"] == 60
+        proc.wait_log("resumed 1 queries accepted before the restart")
+        # Kept only until answered: the next start has nothing to resume.
+        proc.wait_log("forgot answered")
+        assert proc.terminate() == 0
+        proc.start()
+        proc.wait_log("topic filters: ready", count=3)
+        assert proc.log().count("resumed 1 queries") == 1
+        assert proc.log().count("forgot answered") == 1
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
+        gateway.close()
+
+
 def test_queries_queued_across_a_broker_restart_are_all_answered(
     broker: PrivateBroker, start_daemon: Callable[..., Daemon]
 ) -> None:

@@ -8,6 +8,10 @@ redelivered id gets the stored bytes again — byte-identical, as API.md require
 SQLite in WAL mode with synchronous=FULL: a reply is on disk before it is published, so not
 even a power cut between publishing and acknowledging leads to a second, different answer. One
 fsync per answered query is nothing next to the seconds a generation takes on a board.
+
+The same file keeps the queries queued and not answered yet (`pending`, edged.service.inbox),
+each until the transaction that stores its reply: a second fsync per query, so that a query the
+broker forgets in a crash is still answered after the daemon's next start.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ CREATE TABLE IF NOT EXISTS answered (
     PRIMARY KEY (wearer, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS answered_at_idx ON answered (answered_at);
+CREATE TABLE IF NOT EXISTS pending (
+    wearer      TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    work        BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (wearer, id)
+) WITHOUT ROWID;
 """
 
 
@@ -200,34 +211,80 @@ class AnswerStore:
         correlation: bytes | None,
         now: float | None = None,
     ) -> None:
+        """Store the final reply; the query's pending record goes in the same transaction."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?, ?)",
+                    (wearer, query_id, topic, payload, correlation, now),
+                )
+                self._db.execute(
+                    "DELETE FROM pending WHERE wearer = ? AND id = ?", (wearer, query_id)
+                )
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add_pending(
+        self, wearer: str, query_id: str, work: bytes, now: float | None = None
+    ) -> None:
+        """Keep a queued query (edged.service.inbox) until its reply is stored."""
         now = time.time() if now is None else now
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO answered VALUES (?, ?, ?, ?, ?, ?)",
-                (wearer, query_id, topic, payload, correlation, now),
+                "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?)",
+                (wearer, query_id, work, now),
             )
 
+    def drop_pending(self, wearer: str, query_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM pending WHERE wearer = ? AND id = ?", (wearer, query_id))
+
+    def pending(self) -> list[tuple[str, str, bytes]]:
+        """(wearer, id, work) of every query kept and not answered, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT wearer, id, work FROM pending ORDER BY received_at"
+            ).fetchall()
+        return [(row[0], row[1], bytes(row[2])) for row in rows]
+
     def purge(self, now: float | None = None) -> int:
+        """Forget replies older than the TTL, and queries kept that long unanswered."""
         now = time.time() if now is None else now
         with self._lock:
             cur = self._db.execute(
                 "DELETE FROM answered WHERE answered_at < ?", (now - self.ttl_s,)
             )
+            self._db.execute("DELETE FROM pending WHERE received_at < ?", (now - self.ttl_s,))
         if cur.rowcount:
             log.debug("purged %d answered queries older than %.0f s", cur.rowcount, self.ttl_s)
         return cur.rowcount
 
     def absorb(self, other: Path) -> int:
-        """Copy in the replies of the store at `other` that this one lacks; how many."""
+        """Copy in the replies of the store at `other` that this one lacks, and the queries
+        it kept unanswered; how many replies."""
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
             try:
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO answered SELECT * FROM other.answered"
                 )
+                copied = cur.rowcount
+                tables = self._db.execute(
+                    "SELECT name FROM other.sqlite_master WHERE name = 'pending'"
+                ).fetchall()
+                if tables:  # a store written before queries were kept has none
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO pending SELECT p.* FROM other.pending p "
+                        "WHERE NOT EXISTS (SELECT 1 FROM answered a "
+                        "WHERE a.wearer = p.wearer AND a.id = p.id)"
+                    )
             finally:
                 self._db.execute("DETACH DATABASE other")
-        return cur.rowcount
+        return copied
 
     def __len__(self) -> int:
         with self._lock:

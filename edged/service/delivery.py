@@ -8,7 +8,9 @@ decode loop ever waits for an fsync.
 
 Delivery (API.md): a query is acknowledged only after its final reply is stored, published and
 acknowledged by the broker. A redelivery of a query in flight is answered once for every copy;
-one of a query answered already gets the stored reply again, byte-identical.
+one of a query answered already gets the stored reply again, byte-identical. Every queued query
+is also kept in the store until its reply replaces it, and a start resumes those left: a broker
+that crashed may have forgotten them (edged.service.inbox).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from edged.config.models import EdgedConfig
+from edged.domain import Query
 from edged.governor.policy import GovernorDecision
 from edged.mqtt.errors import ErrorCode, ProtocolError
 from edged.mqtt.payloads import encode
+from edged.mqtt.routing import ReplyRoute
 from edged.mqtt.transport import AckToken
 from edged.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 from edged.service.answer_store import AnswerStore
+from edged.service.inbox import decode_work, encode_work
 from edged.service.metrics import Counters
 from edged.service.outbox import Outbox
 from edged.service.outcomes import Abandoned, Accept, CancelQuery, FinalReply, Publish, QueryWork
@@ -137,6 +142,10 @@ class Delivery:
     # -- the delivery thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._resume_pending()
+        except Exception:
+            log.exception("resuming the queries kept in the answered store failed")
         while True:
             try:
                 command = self._inbox.get(timeout=_TICK_S)
@@ -173,6 +182,13 @@ class Delivery:
         if running is not None:
             running.acks.append(a.ack)  # a redelivery of a query in progress: answer once
             self._counters.add("duplicates")
+            log.debug(
+                "query %s/%s redelivered in flight (mid %d, connection %d): %d deliveries",
+                *key,
+                a.ack.mid,
+                a.ack.connection,
+                len(running.acks),
+            )
             return
         stored = self._store.get(a.wearer, a.query.id)
         if stored is not None:
@@ -186,25 +202,24 @@ class Delivery:
             return
         if not self._accepting.is_set():
             return  # left unacknowledged: the broker redelivers it to the next start
-        self._queue(a)
+        job = self._queue(a.wearer, a.query, a.route, a.received_at, [a.ack])
+        if job is None:
+            return
+        log.debug("query %s/%s is mid %d on connection %d", *key, a.ack.mid, a.ack.connection)
+        self._keep(job)
 
-    def _queue(self, a: Accept) -> None:
+    def _queue(
+        self, wearer: str, q: Query, route: ReplyRoute, received_at: float, acks: list[AckToken]
+    ) -> Job | None:
+        """Queue the query, or answer `busy` (not stored: a retry is served) and return None."""
         cfg = self._config()
-        q = a.query
         refusal = admission(self._decision(), q.id, cfg.governor.interval_s)
         if refusal is not None:
-            self._reply_unstored(a.route.topic, a.route.correlation, refusal, [a.ack])
-            return
-        deadline = a.received_at + q.deadline_s if q.deadline_s is not None else None
-        job = Job(
-            a.wearer,
-            q.id,
-            q.priority,
-            q.max_tokens,
-            a.received_at,
-            deadline,
-            work=QueryWork(q, a.route),
-        )
+            self._reply_unstored(route.topic, route.correlation, refusal, acks)
+            return None
+        deadline = received_at + q.deadline_s if q.deadline_s is not None else None
+        work = QueryWork(q, route)
+        job = Job(wearer, q.id, q.priority, q.max_tokens, received_at, deadline, work=work)
         try:
             self._scheduler.submit(job)
         except QueueFull as full:
@@ -214,19 +229,58 @@ class Delivery:
                 id=q.id,
                 retry_after_ms=full.retry_after_ms,
             )
-            self._reply_unstored(a.route.topic, a.route.correlation, busy, [a.ack])
-            return
+            self._reply_unstored(route.topic, route.correlation, busy, acks)
+            return None
         except SchedulerClosed:
-            return  # stopping: left for redelivery
-        self._inflight[job.key] = InFlight(job, [a.ack])
+            return None  # stopping: left for redelivery
+        self._inflight[job.key] = InFlight(job, acks)
         log.info(
             "query %s/%s queued (%s, max_tokens %d, queue %d)",
-            a.wearer,
+            wearer,
             q.id,
             q.priority,
             q.max_tokens,
             len(self._scheduler),
         )
+        return job
+
+    def _keep(self, job: Job) -> None:
+        """Keep the queued query in the store until its reply replaces it (edged.service.inbox).
+        Not keeping it only loses the cover for a broker crash: the query is served all the same."""
+        try:
+            self._store.add_pending(job.wearer, job.query_id, encode_work(job.work))
+        except sqlite3.Error as exc:
+            log.warning(
+                "cannot keep query %s/%s in the answered store (%s): a broker crash before it "
+                "is answered would lose it",
+                job.wearer,
+                job.query_id,
+                exc,
+            )
+
+    def _resume_pending(self) -> None:
+        """Queue the queries a previous run kept and never answered. A redelivery of one by the
+        broker joins it, so each is generated once; its reply goes out without one."""
+        resumed = 0
+        for wearer, query_id, record in self._store.pending():
+            if (wearer, query_id) in self._inflight:
+                continue
+            if self._store.get(wearer, query_id) is not None:  # answered by a degraded run
+                self._store.drop_pending(wearer, query_id)
+                continue
+            try:
+                work = decode_work(record)
+            except ValueError as exc:
+                log.warning("query %s/%s kept in the store: %s; dropped", wearer, query_id, exc)
+                self._store.drop_pending(wearer, query_id)
+                continue
+            job = self._queue(wearer, work.query, work.route, time.monotonic(), [])
+            if job is None:  # answered `busy`: the client retries; nothing left to resume
+                self._store.drop_pending(wearer, query_id)
+                continue
+            resumed += 1
+        if resumed:
+            log.info("resumed %d queries accepted before the restart and not answered yet", resumed)
 
     def _cancel(self, c: CancelQuery) -> None:
         entry = self._inflight.get((c.wearer, c.query_id))
