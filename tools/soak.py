@@ -127,6 +127,8 @@ class Profile:
     fsync_window_s: float = 10.0
     drain_s: float = 60.0
     cycle: tuple[str, ...] = ()
+    debug_log: bool = False
+    """The daemon logs at DEBUG: every message received and acked, by packet id."""
     quiet_tail_s: float = 0.0
     """The run's last this-many seconds cycle only QUIET_CYCLE (no daemon restart), so one
     daemon process lives long enough for an RSS slope; at most a third of the run."""
@@ -479,7 +481,8 @@ class LogWatch:
 class Daemon:
     """`python -m edged -v run` in a child process; restarted at once after a kill."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], debug: bool = False) -> None:
+        self.verbosity = "-vv" if debug else "-v"
         self.config_path = workdir / "edged.yaml"
         self.log_path = workdir / "daemon.log"
         self.watch = LogWatch(self.log_path)
@@ -498,7 +501,15 @@ class Daemon:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edged", "-v", "run", "--config", str(self.config_path)],
+                [
+                    sys.executable,
+                    "-m",
+                    "edged",
+                    self.verbosity,
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
@@ -1429,7 +1440,9 @@ def drain(rig: Rig) -> None:
 def soak(p: Profile, workdir: Path) -> dict[str, Any]:
     state_dir = workdir / "state"
     tmpfs = mount_state_dir(state_dir)
-    broker = PrivateBroker(workdir=workdir / "broker")
+    # At DEBUG the broker logs every packet too (PUBLISH and PUBACK with their packet ids).
+    broker_log = ("log_type all",) if p.debug_log else ()
+    broker = PrivateBroker(workdir=workdir / "broker", extra_config=broker_log)
     (workdir / "broker").mkdir()
     broker.start()
     notify = NotifySocket(workdir / "notify.sock")
@@ -1448,7 +1461,7 @@ def soak(p: Profile, workdir: Path) -> dict[str, Any]:
             clock_file.touch()
             set_clock_offset(clock_file, 0)
             env.update(LD_PRELOAD=str(shim), EDGED_CLOCKSHIFT_FILE=str(clock_file))
-    daemon = Daemon(workdir, env)
+    daemon = Daemon(workdir, env, debug=p.debug_log)
     rig = Rig(
         p,
         workdir,
@@ -1517,6 +1530,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(known: {', '.join(FAULTS)})",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        help="the daemon logs at DEBUG (every packet id received and acked); use with --keep",
+    )
     args = ap.parse_args(argv)
     p = PROFILES["quick" if args.quick else "long"]
     if args.duration is not None:
@@ -1525,6 +1543,8 @@ def main(argv: list[str] | None = None) -> int:
         p = replace(p, outage_s=args.outage)
     if args.fault_every is not None:
         p = replace(p, fault_every_s=args.fault_every)
+    if args.debug:
+        p = replace(p, debug_log=True)
     if args.faults:
         cycle = tuple(args.faults.split(","))
         unknown = [k for k in cycle if k not in FAULTS]
