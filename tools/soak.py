@@ -1127,8 +1127,12 @@ def memory_report(rig: Rig) -> dict[str, Any]:
     warm = [s for s in longest if s[0] - longest[0][0] >= rig.p.warmup_s] if longest else []
     rss = [s[2] for s in rig.samples]
     fds = [s[3] for s in rig.samples]
+    # A leak climbs at the same rate throughout; a cache filling up slows down. The slope over
+    # the segment's second half tells them apart.
+    late = warm[len(warm) // 2 :]
     return {
         "rss_slope_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in warm])),
+        "rss_slope_second_half_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in late])),
         "fd_slope_per_hour": _round(slope_per_hour([(s[0], s[3]) for s in warm])),
         "rss_slope_segment": {
             "method": "least squares over the longest-lived daemon process, after "
@@ -1313,7 +1317,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"daemon    unexpected exits {len(r['unexpected_daemon_exits'])}, restart-to-ready "
         f"p50 {r['restart_to_ready_s']['p50']} s max {r['restart_to_ready_s']['max']} s",
         f"memory    RSS {r['rss_kb']['min']}..{r['rss_kb']['max']} kB, slope "
-        f"{r['rss_slope_kb_per_hour']} kB/h over {r['rss_slope_segment']['seconds']} s; fds "
+        f"{r['rss_slope_kb_per_hour']} kB/h over {r['rss_slope_segment']['seconds']} s "
+        f"({r['rss_slope_second_half_kb_per_hour']} kB/h over its second half); fds "
         f"{r['open_fds']['min']}..{r['open_fds']['max']}",
         f"fsync     {r['fsyncs_per_answer']} per answer ({r['fsync_method']})",
     ]
