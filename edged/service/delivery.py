@@ -275,8 +275,11 @@ class Delivery:
                 self._store.drop_pending(wearer, query_id)
                 continue
             job = self._queue(wearer, work.query, work.route, time.monotonic(), [])
-            if job is None:  # answered `busy`: the client retries; nothing left to resume
-                self._store.drop_pending(wearer, query_id)
+            if job is None:
+                # Answered `busy` (the client retries): nothing left to resume. Not queued
+                # because the daemon is stopping: kept for the next start.
+                if self._accepting.is_set():
+                    self._store.drop_pending(wearer, query_id)
                 continue
             resumed += 1
         if resumed:
