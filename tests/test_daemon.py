@@ -3,10 +3,11 @@ cancel and deadline, crashes and broker restarts. Every wait is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -435,18 +436,31 @@ def test_sigkill_makes_the_last_will_publish_offline(broker: PrivateBroker, tmp_
         watcher.close()
 
 
-@pytest.mark.arm64
-def test_query_answered_after_daemon_killed_mid_generation(
-    broker: PrivateBroker, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def _generating(
+    broker: PrivateBroker, tmp_path: Path, qid: str, max_tokens: int
+) -> Iterator[tuple[DaemonProcess, TestClient]]:
+    """`edged run` in a child process, mid-generation of streamed query `qid` from a gateway on a
+    persistent session (subscribed to w1's replies); both are stopped on the way out."""
     config = daemon_config(broker.port, tmp_path / "state", governor={"pause_ms": 40})
-    gateway = TestClient(broker.port, [f"{P}/w1/#"], client_id="gw-kill", persistent=True)
+    gateway = TestClient(broker.port, [f"{P}/w1/#"], client_id=f"gw-{qid}", persistent=True)
     proc = DaemonProcess(config, tmp_path)
     proc.start()
     try:
         proc.wait_log("topic filters: ready")
-        gateway.publish(f"{P}/w1/query", _query("crash", max_tokens=100, stream=True))
+        gateway.publish(f"{P}/w1/query", _query(qid, max_tokens=max_tokens, stream=True))
         gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice/stream")  # generating now
+        yield proc, gateway
+    finally:
+        proc.stop()
+        gateway.close()
+
+
+@pytest.mark.arm64
+def test_query_answered_after_daemon_killed_mid_generation(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    with _generating(broker, tmp_path, "crash", max_tokens=100) as (proc, gateway):
         proc.kill()
         assert not [r for r in gateway.drain(0.3) if reply_to("crash")(r)]
 
@@ -467,9 +481,6 @@ def test_query_answered_after_daemon_killed_mid_generation(
         time.sleep(0.5)
         assert proc.log().count("crash answered") == 1
         assert proc.terminate() == 0
-    finally:
-        proc.stop()
-        gateway.close()
 
 
 def test_a_query_the_broker_forgot_in_a_crash_is_answered_after_the_daemon_restarts(
@@ -478,14 +489,7 @@ def test_a_query_the_broker_forgot_in_a_crash_is_answered_after_the_daemon_resta
     """mosquitto acknowledges a query at once but saves its state only every ~2 s: a broker
     SIGKILL forgets the last queries, and a daemon SIGKILL before it answers them lost them (the
     soak's hour, issue #16). The daemon keeps every queued query until it is answered."""
-    config = daemon_config(broker.port, tmp_path / "state", governor={"pause_ms": 40})
-    gateway = TestClient(broker.port, [f"{P}/w1/#"], client_id="gw-forgot", persistent=True)
-    proc = DaemonProcess(config, tmp_path)
-    proc.start()
-    try:
-        proc.wait_log("topic filters: ready")
-        gateway.publish(f"{P}/w1/query", _query("forgot", max_tokens=60, stream=True))
-        gateway.wait_for(lambda r: r.topic == f"{P}/w1/advice/stream")  # generating now
+    with _generating(broker, tmp_path, "forgot", max_tokens=60) as (proc, gateway):
         assert broker.process is not None
         broker.process.kill()  # the broker crashes, and restarts without its state:
         broker.process.wait(10)
@@ -505,9 +509,6 @@ def test_a_query_the_broker_forgot_in_a_crash_is_answered_after_the_daemon_resta
         assert proc.log().count("resumed 1 queries") == 1
         assert proc.log().count("forgot answered") == 1
         assert proc.terminate() == 0
-    finally:
-        proc.stop()
-        gateway.close()
 
 
 def test_queries_queued_across_a_broker_restart_are_all_answered(

@@ -207,10 +207,10 @@ PROGRESS_EVERY_S = 30.0
 FIRST_FSYNC_S = 10.0
 """The first fsync window, this far into the run (then every `fsync_every_s`)."""
 OUTAGE_EVERY_S = 900.0
+"""The long profile's 60 s broker outage, this often (it would otherwise eat the hour)."""
 BROKER_SAVE_S = 2.5
 """Past mosquitto's save period with `autosave_interval 1`: 'last_backup + 1 < now' in whole
 seconds (src/loop.c), so every 2 s."""
-"""The long profile's 60 s broker outage, this often (it would otherwise eat the hour)."""
 
 
 # -- the ledger: what was sent and what came back -----------------------------------------------
