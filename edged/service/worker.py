@@ -35,6 +35,7 @@ from edged.mqtt.streaming import ChunkStreamer
 from edged.mqtt.topics import Topics
 from edged.scheduler import Job, Scheduler
 from edged.service.delivery import Delivery, deadline_error, memory_busy
+from edged.service.heap import IdleTrim
 from edged.service.metrics import Counters
 from edged.service.outbox import Outbox
 from edged.service.outcomes import Abandoned, FinalReply, Publish, QueryWork
@@ -187,6 +188,7 @@ class Worker:
         self._pending_prompt: str | None = None
         self._prompt_lock = threading.Lock()
         self._timing: Timing | None = None
+        self._trim = IdleTrim()
         self.heartbeat = time.monotonic()
         """Refreshed between decode steps and idle waits: the watchdog's sign of life."""
         self._thread = threading.Thread(target=self._run, name="edged-worker", daemon=True)
@@ -225,7 +227,9 @@ class Worker:
             if job is None:
                 if self._stopping.is_set():
                     return
+                self._trim.idle()
                 continue
+            self._trim.worked()
             self._timing = None
             try:
                 reply = self._run_job(job)
