@@ -149,6 +149,21 @@ def test_rss_slope_is_the_least_squares_slope_per_hour() -> None:
     assert soak.slope_per_hour(points[:2]) is None
 
 
+def test_a_steady_climb_is_outside_the_noise_and_a_flat_noisy_series_within_it() -> None:
+    import random
+
+    rng = random.Random(7)
+    # 60 kB an hour (a slow leak: 1.4 MB a day) under 20 kB of sampling noise, every 5 s for
+    # 20 minutes, as the long profile's quiet tail samples it.
+    leak = [(5.0 * i, 100_000 + 60 * 5.0 * i / 3600 + rng.gauss(0, 20)) for i in range(240)]
+    lo, hi = soak.slope_interval_per_hour(leak) or (0, 0)
+    assert 0 < lo < 60 < hi
+    flat = [(5.0 * i, 100_000 + rng.gauss(0, 20)) for i in range(240)]
+    lo, hi = soak.slope_interval_per_hour(flat) or (1, 1)
+    assert lo < 0 < hi
+    assert soak.slope_interval_per_hour(flat[:5]) is None
+
+
 def test_every_hostile_payload_is_invalid_and_on_our_topics() -> None:
     import random
 

@@ -36,7 +36,8 @@ What is checked at the end:
   was acknowledged without a stored reply (`replies_sent_unstored`).
 * RSS and open fds of the daemon, sampled every few seconds; `rss_slope_kb_per_hour` is the
   least-squares slope over the longest-lived daemon process after its warm-up (restarts split
-  the series).
+  the series); `rss_slope_ci95_kb_per_hour` its 95 % interval, widened for samples that are
+  not independent, and `rss_slope_within_noise` whether that interval holds 0.
 * fsyncs per answer: `strace -f -c -e trace=fsync,fdatasync -p PID` over sampled windows,
   divided by the first final replies received in the same windows.
 * restart-to-ready: process start (or broker back) to the log line "topic filters: ready".
@@ -55,6 +56,7 @@ import argparse
 import contextlib
 import heapq
 import json
+import math
 import os
 import random
 import shutil
@@ -1117,6 +1119,12 @@ def sample_process(rig: Rig, stop: threading.Event) -> None:
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (seconds, value), per hour."""
+    fit = _fit(points)
+    return None if fit is None else fit[0] * 3600
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """Least-squares (slope per second, intercept, sum of squares of x about its mean)."""
     if len(points) < 3:
         return None
     n = len(points)
@@ -1125,7 +1133,40 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     sxx = sum((x - mx) ** 2 for x, _ in points)
     if sxx == 0:
         return None
-    return sum((x - mx) * (y - my) for x, y in points) / sxx * 3600
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx, sxx
+
+
+# Two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom (then the normal 1.96).
+_T975 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
+         2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
+         2.05, 2.04)  # fmt: skip
+
+
+def slope_interval_per_hour(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The 95 % confidence interval of the least-squares slope, per hour.
+
+    RSS samples a few seconds apart are not independent: a step (a burst the allocator keeps)
+    leaves every later residual on one side of the line. The interval is therefore widened by
+    the residuals' lag-1 autocorrelation r (effective sample size n (1 - r) / (1 + r)), the
+    usual correction for a trend in a time series. A leak, which climbs at a steady rate,
+    leaves residuals of sampling noise only and a narrow interval above 0; a series that is
+    flat apart from a few steps gets an interval as wide as the steps make it.
+    """
+    fit = _fit(points)
+    if fit is None or len(points) < 8:
+        return None
+    slope, intercept, sxx = fit
+    res = [y - (intercept + slope * x) for x, y in points]
+    ss = sum(r * r for r in res)
+    if ss == 0:
+        return slope * 3600, slope * 3600
+    r1 = min(max(sum(a * b for a, b in zip(res, res[1:], strict=False)) / ss, 0.0), 0.98)
+    n_eff = len(points) * (1 - r1) / (1 + r1)
+    df = max(int(n_eff) - 2, 1)
+    se = math.sqrt(ss / (len(points) - 2) / sxx * (1 + r1) / (1 - r1))
+    half = (_T975[df - 1] if df <= len(_T975) else 1.96) * se
+    return (slope - half) * 3600, (slope + half) * 3600
 
 
 def memory_report(rig: Rig) -> dict[str, Any]:
@@ -1139,9 +1180,12 @@ def memory_report(rig: Rig) -> dict[str, Any]:
     # A leak climbs at the same rate throughout; a cache filling up slows down. The slope over
     # the segment's second half tells them apart.
     late = warm[len(warm) // 2 :]
+    interval = slope_interval_per_hour([(s[0], s[2]) for s in warm])
     return {
         "rss_slope_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in warm])),
         "rss_slope_second_half_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in late])),
+        "rss_slope_ci95_kb_per_hour": [_round(v) for v in interval] if interval else None,
+        "rss_slope_within_noise": interval[0] <= 0 <= interval[1] if interval else None,
         "fd_slope_per_hour": _round(slope_per_hour([(s[0], s[3]) for s in warm])),
         "rss_slope_segment": {
             "method": "least squares over the longest-lived daemon process, after "
@@ -1327,7 +1371,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"p50 {r['restart_to_ready_s']['p50']} s max {r['restart_to_ready_s']['max']} s",
         f"memory    RSS {r['rss_kb']['min']}..{r['rss_kb']['max']} kB, slope "
         f"{r['rss_slope_kb_per_hour']} kB/h over {r['rss_slope_segment']['seconds']} s "
-        f"({r['rss_slope_second_half_kb_per_hour']} kB/h over its second half); fds "
+        f"(95 % interval {r['rss_slope_ci95_kb_per_hour']}, within noise: "
+        f"{r['rss_slope_within_noise']}; {r['rss_slope_second_half_kb_per_hour']} kB/h over "
+        "its second half); fds "
         f"{r['open_fds']['min']}..{r['open_fds']['max']}",
         f"fsync     {r['fsyncs_per_answer']} per answer ({r['fsync_method']})",
     ]
