@@ -17,6 +17,10 @@
 #                   releases it resolved when it was made; CI machines start without one)
 #   --keep-going    run every CPU even after one has failed
 #   --print-cpuinfo CPU  print the /proc/cpuinfo the guest sees for CPU, and exit
+#   --bench-load DIR  instead of the tests, measure the memory a start of the model in DIR costs
+#                   on each CPU (tools/bench_load.py, plain start): the C heap its load
+#                   allocates is the guest's own (RSS under qemu-user also holds the emulator);
+#                   times under emulation mean nothing
 # Environment:
 #   EDGED_ARM64_CACHE   where the root filesystem is kept (default ~/.cache/edged/arm64)
 #   EDGED_ARM64_MIRROR  Debian mirror (default: the one this machine's apt uses)
@@ -207,13 +211,15 @@ ensure_venv() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# One CPU model: the CLI end to end on the committed model, then the ARM subset of the tests.
+# One CPU model: the CLI end to end on the committed model, then the ARM subset of the tests
+# (or, with --bench-load, the memory measurement only).
 # Prints one summary line; returns non-zero on failure.
 run_cpu() {
-  local cpu=$1 t0 rc stage
+  local cpu=$1 t0 rc stage stages=(smoke tests)
+  [ -n "${EDGED_ARM64_BENCH_MODEL:-}" ] && stages=(bench-load)
   t0=$(now)
   log "=== $cpu ==="
-  for stage in smoke tests; do
+  for stage in "${stages[@]}"; do
     set +e
     unshare --mount --propagation private "$SELF" --_in-namespace "$cpu" "$stage" "${PYTEST_ARGS[@]}"
     rc=$?
@@ -253,6 +259,12 @@ in_namespace() {
     tests)
       in_chroot "$cpu" "$VENV" sh -c 'cd /src && exec python3 -X faulthandler -m pytest -m arm64 -q \
         -p no:cacheprovider "$@"' pytest "$@" ;;
+    bench-load)
+      mkdir -p "$ROOTFS/mnt/model"
+      mount --bind "$EDGED_ARM64_BENCH_MODEL" "$ROOTFS/mnt/model"
+      mount -o remount,bind,ro "$ROOTFS/mnt/model"
+      in_chroot "$cpu" "$VENV" sh -c 'cd /src && exec python3 tools/bench_load.py /mnt/model \
+        --configs plain --repeats 1 --tokens 8' ;;
     *)
       # Setup commands (venv, pip) run under the first CPU model asked for (the Pi 4's by
       # default, so nothing installed may need more than a Pi 4 has).
@@ -281,6 +293,10 @@ while [ $# -gt 0 ]; do
     --rebuild) REBUILD=1; shift ;;
     --keep-going) KEEP_GOING=1; shift ;;
     --print-cpuinfo) fake_cpuinfo "${2:?--print-cpuinfo needs a CPU model}"; exit 0 ;;
+    --bench-load)
+      EDGED_ARM64_BENCH_MODEL=$(cd "${2:?--bench-load needs a model directory}" && pwd) \
+        || die "--bench-load: no directory '$2'"
+      export EDGED_ARM64_BENCH_MODEL; shift 2 ;;
     --) shift; PYTEST_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
