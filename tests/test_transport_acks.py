@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import signal
 import threading
+import tracemalloc
 from pathlib import Path
 
 from edged.config.loader import parse_config
+from edged.mqtt import transport
 from edged.mqtt.transport import MqttTransport
 from edged.service.broker import PrivateBroker
 from tests._mqtt import daemon_config
@@ -49,4 +51,34 @@ def test_an_old_acknowledgement_with_the_same_packet_id_does_not_ack_a_new_publi
             broker.process.send_signal(signal.SIGCONT)
         assert acked.wait(10), "the reply's own PUBACK did not run on_acked"
     finally:
+        link.stop()
+
+
+def test_stream_chunks_leave_no_acknowledgements_behind(
+    broker: PrivateBroker, tmp_path: Path
+) -> None:
+    """Every QoS 0 chunk comes back through paho's on_publish without a callback. The transport
+    kept each one (up to 4,096) in case a publish() still registering could claim it, which no
+    chunk ever is: a few hundred kB that grew with every answer streamed for the first quarter
+    hour, read by the soak as a leak (issue #16). Nothing is kept once no publish() is in
+    flight."""
+    cfg = parse_config(daemon_config(broker.port, tmp_path, mqtt={"max_outbox": 100_000})).mqtt
+    link = MqttTransport(cfg, "chunks", [("t/none", 1)], None, lambda message: None)
+    link.start()
+    transport_file = tracemalloc.Filter(True, transport.__file__)
+    tracemalloc.start()
+    try:
+        assert link.wait_ready(10)
+        before = tracemalloc.take_snapshot().filter_traces([transport_file])
+        for n in range(3000):
+            link.publish("t/chunks", b"%d" % n, qos=0)
+        # A QoS 1 publish after them: its PUBACK comes once paho has written all of them.
+        flushed = threading.Event()
+        link.publish("t/status", b"after", qos=1, on_acked=flushed.set)
+        assert flushed.wait(10)
+        after = tracemalloc.take_snapshot().filter_traces([transport_file])
+        held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+        assert held < 16_000, f"the transport holds {held} bytes more after 3,000 chunks"
+    finally:
+        tracemalloc.stop()
         link.stop()

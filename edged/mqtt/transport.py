@@ -161,6 +161,9 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._pending: dict[int, Callable[[], None]] = {}
         self._early: dict[int, float] = {}
+        self._publishing = 0
+        """publish() calls between paho's publish and their registration: only while one is,
+        can an acknowledgement without a callback be claimed (see _on_publish)."""
         self._rng = random.Random()
         name = "mqtt-network" if will is not None else f"mqtt-{client_id}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -219,22 +222,29 @@ class MqttTransport:
             if correlation_data is not None:
                 props.CorrelationData = correlation_data
         started = time.monotonic()
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        with self._lock:
+            self._publishing += 1
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except BaseException:
+            with self._lock:
+                self._end_publish(None)
+            raise
+        with self._lock:
+            acked_at = self._end_publish(info.mid)
+            # Only an acknowledgement seen since this publish began can be its own: paho's
+            # packet ids wrap at 65535, and an older one belongs to an earlier message that
+            # had the same id (acking the query then would ack it before its reply is out).
+            acked = acked_at is not None and acked_at >= started
+            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE and qos and on_acked is not None and not acked:
+                self._pending[info.mid] = on_acked
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             log.error(
                 "outbox full (%d messages): dropped a message to %s", self._cfg.max_outbox, topic
             )
             return False
-        with self._lock:
-            acked_at = self._early.pop(info.mid, None)
-            if qos == 0 or on_acked is None:
-                return True
-            # Only an acknowledgement seen since this publish began can be its own: paho's
-            # packet ids wrap at 65535, and an older one belongs to an earlier message that
-            # had the same id (acking the query then would ack it before its reply is out).
-            if acked_at is None or acked_at < started:
-                self._pending[info.mid] = on_acked
-                return True
+        if qos == 0 or on_acked is None or not acked:
+            return True
         # The PUBACK beat us to the registration: the broker has it already.
         on_acked()
         return True
@@ -520,6 +530,16 @@ class MqttTransport:
             # message stays unacked so the broker redelivers it.
             log.exception("message handler failed on topic %s", topic)
 
+    def _end_publish(self, mid: int | None) -> float | None:
+        """With the lock held, as a publish() leaves paho: when the broker acknowledged `mid`
+        already, and, once no publish() is left in that window, the table emptied (nothing
+        can claim what it holds then)."""
+        self._publishing -= 1
+        acked_at = self._early.pop(mid, None) if mid is not None else None
+        if not self._publishing:
+            self._early.clear()
+        return acked_at
+
     def _on_publish(
         self,
         client: mqtt.Client,
@@ -531,11 +551,14 @@ class MqttTransport:
         with self._lock:
             callback = self._pending.pop(mid, None)
             if callback is None:
-                now = time.monotonic()
-                # Every publish without a callback lands here too (a stream's QoS 0 chunks):
-                # the oldest entries go first, each in O(1).
+                if not self._publishing:
+                    # No publish() is between paho and its registration, so nothing can claim
+                    # this one (a stream's QoS 0 chunk, or a stale id): keeping it would only
+                    # grow the table with every chunk until the cap.
+                    return
+                # The oldest entries go first, each in O(1).
                 self._early.pop(mid, None)
-                self._early[mid] = now
+                self._early[mid] = time.monotonic()
                 while len(self._early) > _EARLY_ACK_MAX:
                     del self._early[next(iter(self._early))]
                 return
