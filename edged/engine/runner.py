@@ -36,6 +36,10 @@ class KVSnapshot:
     """Per past name: an OrtValue (growing runner) or a numpy array (shared runner)."""
 
 
+_SHRINK_ARENA = ort.RunOptions()
+_SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -50,6 +54,17 @@ class _RunnerBase:
         # Slices of these are the attention mask and position ids of every step: no allocation.
         self._mask: np.ndarray = np.ones((1, capacity), dtype=layout.mask_dtype)
         self._positions = np.arange(capacity, dtype=np.int64)[None, :]
+
+    def _run_prefill(self) -> None:
+        """Run a prompt chunk, then give the CPU arena's free regions back. A prompt's
+        activations (attention grows with n^2) make onnxruntime's arena take a new region, which
+        it keeps: the arena then follows the longest prompt the process has seen, and grows on
+        as lengths vary and its free regions fragment (tiny model, 90 prompts of 10-400 tokens:
+        RssAnon +5.3 MB from the first 30 to the last 30, against +1.1 MB and 10 MB lower with
+        this; Qwen3-0.6B after eight prompts: 46 MB lower). Decode steps fit the arena's first
+        region and run without it: freeing after every token costs a few percent of prefill
+        speed, after a prompt chunk the cost is within noise (0.5 %)."""
+        self.session.run_with_iobinding(self._io, _SHRINK_ARENA)
 
     def _check_room(self, n: int) -> None:
         if n <= 0:
@@ -97,7 +112,10 @@ class GrowingKVRunner(_RunnerBase):
         io.bind_output(layout.logits_name, "cpu")
         for name in layout.present_names:
             io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
+        if len(ids) > 1:
+            self._run_prefill()
+        else:
+            self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
         self._past = list(outputs[1:])
         self.length += len(ids)
@@ -160,7 +178,10 @@ class SharedKVRunner(_RunnerBase):
             io.bind_ortvalue_output(self.layout.logits_name, self._step_logits_value)
         else:
             io.bind_output(self.layout.logits_name, "cpu")
-        self.session.run_with_iobinding(io)
+        if len(ids) > 1:
+            self._run_prefill()
+        else:
+            self.session.run_with_iobinding(io)
         self.length += len(ids)
         if step_buffer is not None:
             # A view, not a copy: the caller picks the next token before the next forward.
