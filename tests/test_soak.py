@@ -8,9 +8,11 @@ brokers of its own, which is no business of the test process."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -162,6 +164,25 @@ def test_a_steady_climb_is_outside_the_noise_and_a_flat_noisy_series_within_it()
     lo, hi = soak.slope_interval_per_hour(flat) or (1, 1)
     assert lo < 0 < hi
     assert soak.slope_interval_per_hour(flat[:5]) is None
+
+
+def test_a_killed_daemon_not_yet_reaped_is_skipped_not_fatal_to_the_sampler() -> None:
+    """The sampling thread read VmRSS of a daemon SIGKILLed and not yet reaped; a zombie's status
+    has none, the thread died, and the hour's RSS slope came from the samples before it."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        # Exited and not waited for: a zombie until the wait below.
+        status = Path(f"/proc/{child.pid}/status")
+        deadline = time.monotonic() + 10
+        while "State:\tZ" not in status.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "VmRSS" not in status.read_text()
+        assert soak.read_sample(child.pid) is None
+    finally:
+        child.wait()
+    assert soak.read_sample(child.pid) is None  # reaped: gone
+    rss, fds = soak.read_sample(os.getpid()) or (0, 0)
+    assert rss > 10_000 and fds > 2
 
 
 def test_every_hostile_payload_is_invalid_and_on_our_topics() -> None:

@@ -1106,15 +1106,24 @@ def _run(cmd: list[str]) -> None:
 def sample_process(rig: Rig, stop: threading.Event) -> None:
     while not stop.wait(rig.p.sample_every_s):
         pid = rig.daemon.pid
-        if pid is None:
-            continue
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            fds = len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            continue  # it exited between the two reads
-        rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-        rig.samples.append((time.monotonic(), pid, rss, fds))
+        got = read_sample(pid) if pid is not None else None
+        if pid is not None and got is not None:
+            rss, fds = got
+            rig.samples.append((time.monotonic(), pid, rss, fds))
+
+
+def read_sample(pid: int) -> tuple[int, int] | None:
+    """VmRSS (kB) and open fds of `pid`; None once it has exited, or while it has exited and
+    is not reaped yet: a zombie's status has no VmRSS (a daemon SIGKILLed between two reads
+    of this once ended the sampling thread, and the slope then came from the samples before)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    rss = (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    kb = next(rss, None)
+    return None if kb is None else (kb, fds)
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
