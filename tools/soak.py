@@ -1106,10 +1106,11 @@ def _run(cmd: list[str]) -> None:
 def sample_process(rig: Rig, stop: threading.Event) -> None:
     while not stop.wait(rig.p.sample_every_s):
         pid = rig.daemon.pid
-        got = read_sample(pid) if pid is not None else None
-        if pid is not None and got is not None:
-            rss, fds = got
-            rig.samples.append((time.monotonic(), pid, rss, fds))
+        got = None if pid is None else read_sample(pid)
+        if pid is None or got is None:
+            continue
+        rss, fds = got
+        rig.samples.append((time.monotonic(), pid, rss, fds))
 
 
 def read_sample(pid: int) -> tuple[int, int] | None:

@@ -55,16 +55,17 @@ class _RunnerBase:
         self._mask: np.ndarray = np.ones((1, capacity), dtype=layout.mask_dtype)
         self._positions = np.arange(capacity, dtype=np.int64)[None, :]
 
-    def _run_prefill(self) -> None:
-        """Run a prompt chunk, then give the CPU arena's free regions back. A prompt's
-        activations (attention grows with n^2) make onnxruntime's arena take a new region, which
-        it keeps: the arena then follows the longest prompt the process has seen, and grows on
-        as lengths vary and its free regions fragment (tiny model, 90 prompts of 10-400 tokens:
-        RssAnon +5.3 MB from the first 30 to the last 30, against +1.1 MB and 10 MB lower with
-        this; Qwen3-0.6B after eight prompts: 46 MB lower). Decode steps fit the arena's first
-        region and run without it: freeing after every token costs a few percent of prefill
-        speed, after a prompt chunk the cost is within noise (0.5 %)."""
-        self.session.run_with_iobinding(self._io, _SHRINK_ARENA)
+    def _run(self, n: int) -> None:
+        """Run the bound step of `n` tokens; after a prompt chunk (n > 1), give the CPU arena's
+        free regions back. A prompt's activations (attention grows with n^2) make onnxruntime's
+        arena take a new region, which it keeps: the arena then follows the longest prompt the
+        process has seen, and grows on as lengths vary and its free regions fragment (tiny
+        model, 90 prompts of 10-400 tokens: RssAnon +5.3 MB from the first 30 to the last 30,
+        against +1.1 MB and 10 MB lower with this; Qwen3-0.6B after eight prompts: 46 MB
+        lower). Decode steps fit the arena's first region and run without it: freeing after
+        every token costs a few percent of prefill speed, after a prompt chunk the cost is
+        within noise (0.5 %)."""
+        self.session.run_with_iobinding(self._io, _SHRINK_ARENA if n > 1 else None)
 
     def _check_room(self, n: int) -> None:
         if n <= 0:
@@ -112,10 +113,7 @@ class GrowingKVRunner(_RunnerBase):
         io.bind_output(layout.logits_name, "cpu")
         for name in layout.present_names:
             io.bind_output(name, "cpu")
-        if len(ids) > 1:
-            self._run_prefill()
-        else:
-            self.session.run_with_iobinding(io)
+        self._run(len(ids))
         outputs = io.get_outputs()
         self._past = list(outputs[1:])
         self.length += len(ids)
@@ -178,10 +176,7 @@ class SharedKVRunner(_RunnerBase):
             io.bind_ortvalue_output(self.layout.logits_name, self._step_logits_value)
         else:
             io.bind_output(self.layout.logits_name, "cpu")
-        if len(ids) > 1:
-            self._run_prefill()
-        else:
-            self.session.run_with_iobinding(io)
+        self._run(len(ids))
         self.length += len(ids)
         if step_buffer is not None:
             # A view, not a copy: the caller picks the next token before the next forward.
