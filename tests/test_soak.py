@@ -166,6 +166,29 @@ def test_a_steady_climb_is_outside_the_noise_and_a_flat_noisy_series_within_it()
     assert soak.slope_interval_per_hour(flat[:5]) is None
 
 
+def test_the_slope_starts_after_the_first_of_each_fault_and_still_sees_a_growth_per_fault() -> None:
+    import random
+
+    # A process started 100 s in; a SIGKILL that brought it up ended at 101 s, outages ended at
+    # 400 and 1300 s, reloads at 200 and 500 s. The segment starts after the first outage.
+    met = [("daemon_sigkill", 101.0), ("sighup_valid", 200.0), ("broker_outage", 400.0)]
+    met += [("sighup_valid", 500.0), ("broker_outage", 1300.0), ("daemon_sigkill", 90.0)]
+    start = soak.settled_from(100.0, met, warmup_s=70.0)
+    assert start == 400.0 + soak.SETTLE_S
+    assert soak.settled_from(100.0, [], warmup_s=70.0) == 170.0
+
+    # RSS that steps 1.4 MB at the first outage only (a high-water) reads flat from there on;
+    # RSS that steps at every outage (a leak per reconnect backlog) still reads as a climb.
+    rng = random.Random(3)
+    times = [100.0 + 5 * i for i in range(300)]
+    high_water = [(t, 120_000 + (1400 if t > 400 else 0) + rng.gauss(0, 60)) for t in times]
+    leak = [(t, y + (1400 if t > 1300 else 0)) for t, y in high_water]
+    lo, hi = soak.slope_interval_per_hour([p for p in high_water if p[0] >= start]) or (1, 1)
+    assert lo < 0 < hi
+    lo, hi = soak.slope_interval_per_hour([p for p in leak if p[0] >= start]) or (0, 0)
+    assert lo > 0
+
+
 def test_a_killed_daemon_not_yet_reaped_is_skipped_not_fatal_to_the_sampler() -> None:
     """The sampling thread read VmRSS of a daemon SIGKILLed and not yet reaped; a zombie's status
     has none, the thread died, and the hour's RSS slope came from the samples before it."""

@@ -20,7 +20,8 @@ Receive Maximum) and read-only, and the daemon's wall clock set 2 h forward or b
 (`wall_clock_jump`, tools/clockshift.c in its LD_PRELOAD) with a deadline in flight. Each
 fault is logged with its time and whether the daemon came back to ready. `--faults a,b`
 cycles through a chosen list instead. The last `quiet_tail_s` of a run (20 min of the long
-profile) restarts no daemon, so one process lives long enough for an RSS slope.
+profile) restarts no daemon, so one process lives long enough for an RSS slope; in the long
+profile it opens with a broker outage, so that process meets its second outage in the slope.
 
 What is checked at the end:
 * every *accepted* query (the broker PUBACKed its publish, so it holds it for the daemon's
@@ -36,8 +37,10 @@ What is checked at the end:
   was acknowledged without a stored reply (`replies_sent_unstored`).
 * RSS and open fds of the daemon, sampled every few seconds; `rss_slope_kb_per_hour` is the
   least-squares slope over the longest-lived daemon process after its warm-up (restarts split
-  the series); `rss_slope_ci95_kb_per_hour` its 95 % interval, widened for samples that are
-  not independent, and `rss_slope_within_noise` whether that interval holds 0.
+  the series): past `warmup_s` and past the first of each kind of fault it met (`settled_from`),
+  so a one-time high-water is left out and a growth that repeats with every fault is not;
+  `rss_slope_ci95_kb_per_hour` its 95 % interval, widened for samples that are not
+  independent, and `rss_slope_within_noise` whether that interval holds 0.
 * fsyncs per answer: `strace -f -c -e trace=fsync,fdatasync -p PID` over sampled windows,
   divided by the first final replies received in the same windows.
 * restart-to-ready: process start (or broker back) to the log line "topic filters: ready".
@@ -53,6 +56,7 @@ received is lost with the broker's memory and counted against edged.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import heapq
 import json
@@ -209,7 +213,11 @@ PROGRESS_EVERY_S = 30.0
 FIRST_FSYNC_S = 10.0
 """The first fsync window, this far into the run (then every `fsync_every_s`)."""
 OUTAGE_EVERY_S = 900.0
-"""The long profile's 60 s broker outage, this often (it would otherwise eat the hour)."""
+"""The long profile's 60 s broker outage, this often (it would otherwise eat the hour), and
+once as the quiet tail begins, so that the tail's process meets one in its warm-up and the
+next inside its RSS slope."""
+SETTLE_S = 30.0
+"""A reconnect backlog (60 s of load) is worked off within this after the broker is back."""
 BROKER_SAVE_S = 2.5
 """Past mosquitto's save period with `autosave_interval 1`: 'last_backup + 1 < now' in whole
 seconds (src/loop.c), so every 2 s."""
@@ -741,6 +749,8 @@ class FaultRecord:
     ok: bool
     note: str
     ready_s: float | None = None
+    end_s: float | None = None
+    """Seconds into the run the fault was over (broker back, daemon ready again)."""
 
 
 @dataclass
@@ -1179,18 +1189,35 @@ def slope_interval_per_hour(points: list[tuple[float, float]]) -> tuple[float, f
     return (slope - half) * 3600, (slope + half) * 3600
 
 
+def settled_from(started_s: float, faults: list[tuple[str, float]], warmup_s: float) -> float:
+    """When a process's memory has met everything it will meet: `warmup_s` after it started,
+    and SETTLE_S after the first of each kind of fault (kind, end seconds) that ended while it
+    ran. A burst of a kind not seen before (a reconnect backlog, a reload) raises the high-water
+    of Python's 1 MiB arenas and of glibc's heaps once; a leak grows again at every later one of
+    the same kind, and those stay in the segment."""
+    first: dict[str, float] = {}
+    for kind, end_s in sorted(faults, key=lambda f: f[1]):
+        if end_s >= started_s:
+            first.setdefault(kind, end_s)
+    return max([started_s + warmup_s, *(end + SETTLE_S for end in first.values())])
+
+
 def memory_report(rig: Rig) -> dict[str, Any]:
     by_pid: dict[int, list[tuple[float, int, int, int]]] = {}
     for s in rig.samples:
         by_pid.setdefault(s[1], []).append(s)
     longest = max(by_pid.values(), key=lambda s: s[-1][0] - s[0][0], default=[])
-    warm = [s for s in longest if s[0] - longest[0][0] >= rig.p.warmup_s] if longest else []
+    life = (longest[0][0] - rig.started, longest[-1][0] - rig.started) if longest else (0, 0)
+    met = [(f.kind, f.end_s) for f in rig.faults if f.end_s is not None and f.end_s <= life[1]]
+    start_s = settled_from(life[0], met, rig.p.warmup_s)
+    warm = [s for s in longest if s[0] - rig.started >= start_s]
     rss = [s[2] for s in rig.samples]
     fds = [s[3] for s in rig.samples]
     # A leak climbs at the same rate throughout; a cache filling up slows down. The slope over
     # the segment's second half tells them apart.
     late = warm[len(warm) // 2 :]
     interval = slope_interval_per_hour([(s[0], s[2]) for s in warm])
+    in_segment = collections.Counter(f.kind for f in rig.faults if start_s <= f.at_s <= life[1])
     return {
         "rss_slope_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in warm])),
         "rss_slope_second_half_kb_per_hour": _round(slope_per_hour([(s[0], s[2]) for s in late])),
@@ -1198,11 +1225,15 @@ def memory_report(rig: Rig) -> dict[str, Any]:
         "rss_slope_within_noise": interval[0] <= 0 <= interval[1] if interval else None,
         "fd_slope_per_hour": _round(slope_per_hour([(s[0], s[3]) for s in warm])),
         "rss_slope_segment": {
-            "method": "least squares over the longest-lived daemon process, after "
-            f"{rig.p.warmup_s:.0f} s of warm-up",
+            "method": "least squares over the longest-lived daemon process, from "
+            f"{rig.p.warmup_s:.0f} s after it started and {SETTLE_S:.0f} s after the first of "
+            "each kind of fault it met, whichever is later",
+            "process_s": [round(v, 1) for v in life],
+            "from_s": round(start_s, 1),
             "seconds": round(warm[-1][0] - warm[0][0], 1) if warm else 0,
             "samples": len(warm),
             "processes": len(by_pid),
+            "faults": dict(sorted(in_segment.items())),
         },
         # (seconds, VmRSS kB, open fds) of the segment the slopes are taken over
         "rss_series": [[round(s[0] - warm[0][0], 1), s[2], s[3]] for s in warm],
@@ -1379,17 +1410,30 @@ def format_report(r: dict[str, Any]) -> str:
         f"faults    {faults}; not recovered: {failed}",
         f"daemon    unexpected exits {len(r['unexpected_daemon_exits'])}, restart-to-ready "
         f"p50 {r['restart_to_ready_s']['p50']} s max {r['restart_to_ready_s']['max']} s",
-        f"memory    RSS {r['rss_kb']['min']}..{r['rss_kb']['max']} kB, slope "
-        f"{r['rss_slope_kb_per_hour']} kB/h over {r['rss_slope_segment']['seconds']} s "
-        f"(95 % interval {r['rss_slope_ci95_kb_per_hour']}, within noise: "
-        f"{r['rss_slope_within_noise']}; {r['rss_slope_second_half_kb_per_hour']} kB/h over "
-        "its second half); fds "
+        f"memory    RSS {r['rss_kb']['min']}..{r['rss_kb']['max']} kB, {_slope_text(r)}; fds "
         f"{r['open_fds']['min']}..{r['open_fds']['max']}",
         f"fsync     {r['fsyncs_per_answer']} per answer ({r['fsync_method']})",
     ]
     lines += [f"unexpected {u}" for u in r["unexpected_replies"][:10]]
     lines.append(f"result    {'OK' if r['ok'] else 'FAILED'}")
     return "\n".join(lines)
+
+
+def _slope_text(r: dict[str, Any]) -> str:
+    seg = r["rss_slope_segment"]
+    if r["rss_slope_ci95_kb_per_hour"] is None:
+        # The quick profile's tail: its process meets a new kind of fault until the end.
+        life = seg["process_s"]
+        return (
+            f"no slope: the longest-lived process ({life[0]}-{life[1]} s) met a kind of fault "
+            f"it had not met before until {seg['from_s']} s"
+        )
+    return (
+        f"slope {r['rss_slope_kb_per_hour']} kB/h over {seg['seconds']} s from {seg['from_s']} s "
+        f"(95 % interval {r['rss_slope_ci95_kb_per_hour']}, within noise: "
+        f"{r['rss_slope_within_noise']}; {r['rss_slope_second_half_kb_per_hour']} kB/h over "
+        f"its second half; faults in it: {seg['faults']})"
+    )
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -1439,12 +1483,15 @@ def run_faults(rig: Rig) -> None:
     next_fsync = rig.started + FIRST_FSYNC_S
     next_outage = rig.started + OUTAGE_EVERY_S / 3
     quiet = min(rig.p.quiet_tail_s, rig.p.duration_s / 3)
+    tail_outage = rig.p.name == "long" and quiet > 0
     i = 0
     while time.monotonic() < end:
         _pause(rig, min(rig.p.fault_every_s, end - time.monotonic()))
         now = time.monotonic()
         if now >= end:
             break
+        if tail_outage and now >= end - quiet:
+            next_outage, tail_outage = now, False
         if now >= next_fsync:
             measure_fsyncs(rig)
             next_fsync = time.monotonic() + rig.p.fsync_every_s
@@ -1490,7 +1537,8 @@ def run_fault(rig: Rig, kind: str) -> None:
         ok, note, ready = False, f"{type(exc).__name__}: {exc}", None
     if ok and rig.daemon.pid is None:
         ok, note = False, note + "; daemon not running afterwards"
-    rig.faults.append(FaultRecord(kind, stamp, round(at, 1), ok, note, _round(ready)))
+    end = round(time.monotonic() - rig.started, 1)
+    rig.faults.append(FaultRecord(kind, stamp, round(at, 1), ok, note, _round(ready), end))
     say(f"{at:7.1f} s  {kind:<20} {'ok' if ok else 'FAILED'}  {note}")
 
 
