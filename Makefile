@@ -50,6 +50,7 @@ arm64-check:
 # 60 lines with the pipeline's import rules (tests/test_architecture.py).
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check edged tools tests
+	$(VENV)/bin/ruff format --check edged tools tests
 	$(VENV)/bin/mypy edged
 	$(PY) -m pytest -q tests/test_architecture.py
 

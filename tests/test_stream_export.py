@@ -186,9 +186,7 @@ def test_stream_int4_graph_is_onnxruntime_genai_builders_graph(checkpoint, tmp_p
     import onnx
 
     # The builder's quantization: every matrix int4, blocks of 32.
-    out = _export(
-        checkpoint, tmp_path / "int4", context_length=2048, lm_head_bits=4, block_size=32
-    )
+    out = _export(checkpoint, tmp_path / "int4", context_length=2048, lm_head_bits=4, block_size=32)
     ours = onnx.load(str(out / "model.onnx"))
     theirs = onnx.load(str(GQA_FIXTURE / "model.onnx"))
     ops = Counter(n.op_type for n in ours.graph.node if n.op_type != "Constant")
