@@ -1422,11 +1422,12 @@ def format_report(r: dict[str, Any]) -> str:
 def _slope_text(r: dict[str, Any]) -> str:
     seg = r["rss_slope_segment"]
     if r["rss_slope_ci95_kb_per_hour"] is None:
-        # The quick profile's tail: its process meets a new kind of fault until the end.
+        # The quick profile's tail: its process meets a new kind of fault nearly to the end.
         life = seg["process_s"]
         return (
-            f"no slope: the longest-lived process ({life[0]}-{life[1]} s) met a kind of fault "
-            f"it had not met before until {seg['from_s']} s"
+            f"no slope: {seg['samples']} samples of the longest-lived process "
+            f"({life[0]}-{life[1]} s) after its warm-up and the first of each kind of fault "
+            f"it met ({seg['from_s']} s)"
         )
     return (
         f"slope {r['rss_slope_kb_per_hour']} kB/h over {seg['seconds']} s from {seg['from_s']} s "
