@@ -16,6 +16,7 @@ import pytest
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
 from edged.service.group import GroupMembership, read_status, rendezvous_owner
+from edged.service.outcomes import Publish
 from tests._mqtt import DaemonProcess, P, TestClient, daemon_config
 
 GROUP = "ward"
@@ -45,18 +46,49 @@ def _status(state: str, ts: float | None, group: str | None = GROUP) -> bytes:
 
 
 def test_membership_counts_live_members_of_this_group_only() -> None:
-    now = 1_800_000_000.0
+    wall = 1_800_000_000.0
     m = GroupMembership(GROUP, "node-a", status_interval_s=30)
-    m.observe("node-b", _status("online", now - 10), 0.0)
-    m.observe("node-c", _status("degraded", now), 0.0)  # triage-only answers still count
-    m.observe("node-d", _status("online", now, group="other"), 0.0)
-    m.observe("node-e", _status("online", now, group=None), 0.0)
-    assert sorted(m.live(now)) == ["node-a", "node-b", "node-c"]
+    m.observe("node-b", _status("online", wall - 10), 0.0)
+    m.observe("node-c", _status("degraded", wall), 0.0)  # triage-only answers still count
+    m.observe("node-d", _status("online", wall, group="other"), 0.0)
+    m.observe("node-e", _status("online", wall, group=None), 0.0)
+    assert sorted(m.live(0.0)) == ["node-a", "node-b", "node-c"]
     m.observe("node-b", b'{"state":"offline"}', 0.0)  # its Last Will
-    m.observe("node-c", _status("online", now - 62), 0.0)  # stale: > 2 periods + 1 s
-    assert m.live(now) == ["node-a"]
+    # A retained copy 62 s old as this node subscribes: stale (> 2 periods + 1 s).
+    m.observe("node-c", _status("online", wall - 62), 0.0, retained_at=wall)
+    assert m.live(0.0) == ["node-a"]
     m.observe("node-c", b"", 0.0)  # its retained status deleted
-    assert read_status(b"not json") is None and m.live(now) == ["node-a"]
+    assert read_status(b"not json") is None and m.live(0.0) == ["node-a"]
+
+
+def test_a_member_ages_on_the_monotonic_clock_not_on_either_wall_clock() -> None:
+    wall = 1_800_000_000.0
+    m = GroupMembership(GROUP, "node-a", status_interval_s=30)  # stale after 61 s of silence
+    # node-b's clock is 2 h behind this node's (or this node's was set forward): its status
+    # as published is fresh all the same, until it has been silent for 61 s.
+    m.observe("node-b", _status("online", wall - 7200), 100.0)
+    assert m.live(160.0) == ["node-a", "node-b"]
+    assert m.live(162.0) == ["node-a"]
+    m.observe("node-b", _status("online", wall - 7170), 162.5)  # it speaks again: back
+    assert m.live(200.0) == ["node-a", "node-b"]
+    # A retained copy is aged by its ts once, as it arrives (50 s old: 11 s left), and one
+    # stamped in the future (a sender's clock ahead) counts as new.
+    m.observe("node-c", _status("online", wall - 50), 300.0, retained_at=wall)
+    m.observe("node-d", _status("online", wall + 3600), 300.0, retained_at=wall)
+    assert m.live(310.0) == ["node-a", "node-c", "node-d"]
+    assert m.live(312.0) == ["node-a", "node-d"]
+
+
+def test_a_retained_status_is_no_sign_of_life_for_held_alerts() -> None:
+    """After a reconnect this node subscribes again and is sent every retained status, the
+    owner's too, which may be from before it died: releasing the alerts held for it then would
+    acknowledge their summaries with no alert raised."""
+    wall = 1_800_000_000.0
+    m = GroupMembership(GROUP, "node-a", status_interval_s=30)
+    alert = Publish("edged/v1/w1/alert", b"{}")
+    assert m.backup.hold("x", alert, "node-b", now=10.0)
+    assert m.observe("node-b", _status("online", wall), 11.0, retained_at=wall) == []
+    assert m.observe("node-b", _status("online", wall), 12.0) == [alert]
 
 
 def test_each_change_of_membership_is_one_log_line(caplog: pytest.LogCaptureFixture) -> None:

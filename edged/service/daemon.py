@@ -269,7 +269,7 @@ class Daemon:
             uptime_s=time.monotonic() - self._started_at,
             answered_stored=len(self._place.store),
             model_load_s=self._model_load_s,
-            group_members=len(self._members.live(time.time())) if self._members else None,
+            group_members=len(self._members.live(time.monotonic())) if self._members else None,
             counters=counters,
         )
 

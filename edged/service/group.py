@@ -36,7 +36,19 @@ ALERT_SLACK_S = 2.0
 of the alert, or any status) before publishing the alert itself: slack for a loaded board."""
 STALE_PERIODS = 2.0
 """A member whose last status is older than this many status periods (plus a second of clock
-skew) has left: it stopped without its Last Will reaching us, or its clock is far off."""
+skew) has left: it stopped without its Last Will reaching us. Its age runs on this node's
+monotonic clock from the status' arrival, so that a wall clock set forward does not make every
+other member stale at once, nor one set back keep a silent member live for as long. Only a
+retained copy (sent at subscribe time, maybe long after it was published) is aged by its `ts`,
+against this node's wall clock, once."""
+
+
+def _age(status: MemberStatus, retained_at: float | None) -> float:
+    """How old a status is as it arrives: 0 as published; a retained copy by its `ts` (none
+    from the future: the sender's clock may be ahead)."""
+    if retained_at is None or status.ts is None:
+        return 0.0
+    return max(retained_at - status.ts, 0.0)
 
 
 def rendezvous_rank(wearer: str, nodes: Iterable[str]) -> list[str]:
@@ -87,34 +99,47 @@ class GroupMembership:
         self.me = me
         self.stale_after_s = STALE_PERIODS * status_interval_s + 1.0
         self._members: dict[str, MemberStatus] = {}
+        self._fresh_until: dict[str, float] = {}
+        """Per member, the monotonic time its last status goes stale."""
         self.backup = AlertBackup(status_interval_s + ALERT_SLACK_S)
 
-    def observe(self, node: str, payload: bytes, now: float) -> list[Publish]:
-        """Record `node`'s status (`now`: time.monotonic()); the alerts this node held as its
-        backup and no longer needs to publish, when the status shows the owner alive."""
+    def observe(
+        self, node: str, payload: bytes, now: float, retained_at: float | None = None
+    ) -> list[Publish]:
+        """Record `node`'s status (`now`: time.monotonic(); `retained_at`: time.time() when
+        this is a retained copy, None for a status as it is published); the alerts this node
+        held as its backup and no longer needs to publish, when the status shows the owner
+        alive."""
         status = read_status(payload)
         before = self._members.pop(node, None) if status is None else self._members.get(node)
         if status is not None:
             self._members[node] = status
+            self._fresh_until[node] = now + self.stale_after_s - _age(status, retained_at)
         if node != self.me and self._member(before) != self._member(status):
             # One line per change, for the operator (and for tests to wait on).
             joined = "joined" if self._member(status) else "left"
             log.info("share group %s: %s %s", self.group, node, joined)
         if status is None:
+            self._fresh_until.pop(node, None)
             return []
-        return self.backup.alive(node, now) if status.state in LIVE_STATES else []
+        # A retained copy (resent as this node subscribes again, after a reconnect) may be from
+        # before the alerts were held: only a status as it is published is a sign of life.
+        alive = status.state in LIVE_STATES and retained_at is None
+        return self.backup.alive(node, now) if alive else []
 
     def _member(self, status: MemberStatus | None) -> bool:
         return status is not None and status.group == self.group and status.state in LIVE_STATES
 
     def live(self, now: float) -> list[str]:
-        """The live members, this node always among them (it is running this code)."""
+        """The live members at `now` (time.monotonic()), this node always among them (it is
+        running this code)."""
         nodes = [self.me]
-        # A copy: the metrics snapshot reads this from another thread (dict() is atomic).
+        # Copies: the metrics snapshot reads these from another thread (dict() is atomic).
+        fresh_until = dict(self._fresh_until)
         for node, status in dict(self._members).items():
             if node == self.me or status.group != self.group or status.state not in LIVE_STATES:
                 continue
-            if status.ts is not None and now - status.ts > self.stale_after_s:
+            if now > fresh_until.get(node, now):
                 continue
             nodes.append(node)
         return nodes
@@ -122,7 +147,7 @@ class GroupMembership:
     def role(self, wearer: str, now: float) -> tuple[str, str]:
         """(`owner`, this node): it publishes `wearer`'s alerts; (`backup`, the owner): it
         publishes them only if the owner shows no sign of life (it may have died without its
-        Last Will reaching the broker yet); (`none`, the owner). `now`: time.time()."""
+        Last Will reaching the broker yet); (`none`, the owner). `now`: time.monotonic()."""
         ranked = rendezvous_rank(wearer, self.live(now))
         if ranked[0] == self.me:
             return "owner", self.me

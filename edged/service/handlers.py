@@ -73,7 +73,7 @@ def handle(
     is checked against) and `monotonic` (time.monotonic(): deadlines, the vitals window and the
     alert cooldown count from there, so setting the wall clock cannot move them)."""
     if ctx.membership is not None:
-        group_outcomes = handle_group(msg, ctx, ctx.membership, monotonic)
+        group_outcomes = handle_group(msg, ctx, ctx.membership, wall_time, monotonic)
         if group_outcomes is not None:
             return group_outcomes
     try:
@@ -111,7 +111,7 @@ def handle_vitals(
     seen = [WearerSeen(wearer)] if ctx.config.homeassistant.enabled else []
     if not ctx.alerts.check(wearer, triage, monotonic):
         return [_VITALS, *seen, Ack(msg.ack)]
-    role, owner = ctx.membership.role(wearer, now) if ctx.membership else ("owner", "")
+    role, owner = ctx.membership.role(wearer, monotonic) if ctx.membership else ("owner", "")
     if role == "none":
         # Another member raises it; this one keeps the same alert memory (cooldown) so that
         # if the wearer moves here it goes on where the owner left off.
@@ -133,7 +133,11 @@ def handle_vitals(
 
 
 def handle_group(
-    msg: InboundMessage, ctx: InboundContext, membership: GroupMembership, monotonic: float
+    msg: InboundMessage,
+    ctx: InboundContext,
+    membership: GroupMembership,
+    wall_time: float,
+    monotonic: float,
 ) -> list[Outcome] | None:
     """A share group's own traffic: a member's status, or an alert (seen by its backup); None
     for any other message."""
@@ -141,7 +145,8 @@ def handle_group(
     if node is not None:
         # The owner is alive: what this node held as its backup is the owner's to raise (or
         # to withhold, in its cooldown); the summaries behind them are acknowledged.
-        released = membership.observe(node, msg.payload, monotonic)
+        retained_at = wall_time if msg.retain else None
+        released = membership.observe(node, msg.payload, monotonic, retained_at)
         return [Ack(msg.ack), *(Ack(t) for alert in released for t in alert.ack_after)]
     if ctx.topics.is_alert(msg.topic):
         try:
