@@ -35,8 +35,8 @@ ALERT_SLACK_S = 2.0
 """A backup waits one status period and this much for a sign of life from the owner (its copy
 of the alert, or any status) before publishing the alert itself: slack for a loaded board."""
 STALE_PERIODS = 2.0
-"""A member whose last status is older than this many status periods (plus a second of clock
-skew) has left: it stopped without its Last Will reaching us. Its age runs on this node's
+"""A member whose last status is older than this many status periods (plus a second of
+slack) has left: it stopped without its Last Will reaching us. Its age runs on this node's
 monotonic clock from the status' arrival, so that a wall clock set forward does not make every
 other member stale at once, nor one set back keep a silent member live for as long. Only a
 retained copy (sent at subscribe time, maybe long after it was published) is aged by its `ts`,
