@@ -1116,8 +1116,7 @@ def _run(cmd: list[str]) -> None:
 def sample_process(rig: Rig, stop: threading.Event) -> None:
     while not stop.wait(rig.p.sample_every_s):
         pid = rig.daemon.pid
-        got = None if pid is None else read_sample(pid)
-        if pid is None or got is None:
+        if pid is None or (got := read_sample(pid)) is None:
             continue
         rss, fds = got
         rig.samples.append((time.monotonic(), pid, rss, fds))
