@@ -210,6 +210,25 @@ def test_a_forgotten_answer_is_not_drafted_from(demo: Engine) -> None:
     assert remembered.speculation.passes < forgotten.speculation.passes
 
 
+def test_forgetting_an_answer_brings_back_the_one_it_pushed_out() -> None:
+    """With the window of earlier answers full, an answer then forgotten (a benchmark's plain
+    repeat) must leave the window as it was: the answer it had pushed out is drafted from
+    again. Otherwise every forgotten repeat shrinks the window by one."""
+    engine = Engine.load(
+        DEMO_MODEL,
+        EngineOptions(threads=1, context_length=1024, speculation=DraftSettings(recent_answers=1)),
+    )
+    _drafting(engine)
+    first_prompt, other = _prompts(engine, 2)
+    first = engine.generate(first_prompt, GenerationConfig(max_new_tokens=160))
+    engine.generate(other, GenerationConfig(max_new_tokens=160, speculate=False))
+    engine.forget_last_answer()
+    again = engine.generate(first_prompt, GenerationConfig(max_new_tokens=160))
+    assert again.token_ids == first.token_ids
+    assert first.speculation is not None and again.speculation is not None
+    assert again.speculation.passes * 4 < again.completion_tokens
+
+
 def test_a_graph_that_cannot_verify_decodes_one_token_at_a_time() -> None:
     """The optimum layout (a growing KV cache, no logits_to_keep): no speculation."""
     from tests._models import TINY_QWEN3_INT4

@@ -189,6 +189,9 @@ class Engine:
         self._recent: collections.deque[NgramIndex] = collections.deque(
             maxlen=options.speculation.recent_answers if options.speculation else 0
         )
+        self._pushed_out: NgramIndex | None = None
+        """The answer the latest append pushed out of the full window (forget_last_answer
+        puts it back)."""
         self.cores = CoreLimiter(set(), list(range(threads)))
         self.eos_ids = frozenset(manifest.eos_token_ids)
         reasoning = manifest.reasoning
@@ -327,7 +330,10 @@ class Engine:
                 speculation=self._speculation(config.draft_phrases),
             )
             settings = self.options.speculation
+            self._pushed_out = None
             if settings is not None and self._recent.maxlen and len(result.token_ids) > 1:
+                if len(self._recent) == self._recent.maxlen:
+                    self._pushed_out = self._recent[0]
                 self._recent.append(phrase_index(result.token_ids, settings))
             return result
 
@@ -338,6 +344,10 @@ class Engine:
         with self._lock:
             if self._recent:
                 self._recent.pop()
+            # Undo the append whole: with the window full it pushed the oldest answer out.
+            if self._pushed_out is not None:
+                self._recent.appendleft(self._pushed_out)
+                self._pushed_out = None
 
     def _check_speculation(self) -> float | None:
         """Measure how far a verification pass's rows are from one step at a time, on this
