@@ -27,15 +27,24 @@ def test_a_longer_match_wins_over_a_more_recent_shorter_one() -> None:
 
 
 def test_the_most_recent_occurrence_of_a_match_is_used() -> None:
-    lookup = PromptLookup([4, 10, 11, 4, 20, 21, 4])
+    lookup = PromptLookup([4, 5, 10, 11, 4, 5, 20, 21, 4, 5])
     assert lookup.propose(2) == [20, 21]
+
+
+def test_a_single_repeated_token_is_no_match_unless_asked_for() -> None:
+    # "4" recurs, but no two tokens in a row do: a one-token match guesses badly (draft.py,
+    # min_ngram), so by default nothing is drafted; min_ngram=1 restores the guess.
+    prompt = [4, 10, 11, 4, 20, 21, 4]
+    assert PromptLookup(prompt).propose(2) == []
+    assert PromptLookup(prompt, settings=DraftSettings(min_ngram=1)).propose(2) == [20, 21]
 
 
 def test_the_text_never_matches_its_own_last_tokens() -> None:
     lookup = PromptLookup([1, 2, 3])
-    assert lookup.propose(4) == []  # [3] and [2, 3] occur only at the very end
+    assert lookup.propose(4) == []  # [2, 3] and [1, 2, 3] occur only at the very end
+    lookup.append(1)
     lookup.append(2)
-    assert lookup.propose(4) == [3, 2]  # "2" was followed by "3, 2" once
+    assert lookup.propose(4) == [3, 1, 2]  # "1, 2" was followed by "3, 1, 2" once
 
 
 def test_fixed_phrases_are_drafted_from_where_the_text_has_no_match() -> None:
@@ -45,7 +54,8 @@ def test_fixed_phrases_are_drafted_from_where_the_text_has_no_match() -> None:
     lookup.append(41)
     assert lookup.propose(8) == [42, 43, 44]
     # At equal length a match in the text (about this wearer) beats the phrase.
-    lookup = PromptLookup([41, 99, 98], phrases=[escalation])
+    lookup = PromptLookup([40, 41, 99, 98], phrases=[escalation])
+    lookup.append(40)
     lookup.append(41)
     assert lookup.propose(2) == [99, 98]
 
