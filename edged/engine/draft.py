@@ -27,8 +27,8 @@ class DraftSettings:
     the demo model's first 30 held-out answers, 21 % of drafts after a one-token match in the text
     had their first token accepted, against 80 % after a 2-4 token match), and its misses
     shrink the next draft and bring on the cooldown, which then costs the good drafts that
-    follow. Two tokens: 13 % more tokens per verification pass on 120 of those answers
-    (1.89 -> 2.14; tools/README.md, "Draft policy")."""
+    follow. Two tokens: 13 % more tokens per verification pass on 120 other held-out
+    answers (questions 30-149: 1.89 -> 2.14; tools/README.md, "Draft policy")."""
     max_draft: int = 8
     """Most tokens drafted for one verification pass."""
     cooldown_steps: int = 16
