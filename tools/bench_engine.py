@@ -90,7 +90,9 @@ ENGINE_GRAPHS: dict[str, tuple[str, ...]] = {
 }
 SHAPE_DEFAULTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # optimum's export was killed at 22.9 GB and onnxruntime-genai's builder peaked at 23.4 GB
-    # for 1.7B on this 24 GB machine (README, "Export memory"): on request only (--engines).
+    # (2026-12-02; 13.5 GB on 2026-12-07) for 1.7B on this 24 GB machine (README, "Export
+    # memory"): not among edged's graphs unless asked (--graphs); the ort-genai engine still
+    # runs on gqa, so a default run builds it.
     "qwen3-1.7b": (("edged", "ort-genai", "llama.cpp"), ("stream", "stream-int4")),
     "qwen3-4b": (("edged", "llama.cpp"), ("stream",)),
 }
