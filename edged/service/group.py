@@ -98,9 +98,8 @@ class GroupMembership:
         self.group = group
         self.me = me
         self.stale_after_s = STALE_PERIODS * status_interval_s + 1.0
-        self._members: dict[str, MemberStatus] = {}
-        self._fresh_until: dict[str, float] = {}
-        """Per member, the monotonic time its last status goes stale."""
+        self._members: dict[str, tuple[MemberStatus, float]] = {}
+        """Per member, its last status and the monotonic time that status goes stale."""
         self.backup = AlertBackup(status_interval_s + ALERT_SLACK_S)
 
     def observe(
@@ -111,16 +110,16 @@ class GroupMembership:
         held as its backup and no longer needs to publish, when the status shows the owner
         alive."""
         status = read_status(payload)
-        before = self._members.pop(node, None) if status is None else self._members.get(node)
+        entry = self._members.pop(node, None) if status is None else self._members.get(node)
+        before = entry[0] if entry else None
         if status is not None:
-            self._members[node] = status
-            self._fresh_until[node] = now + self.stale_after_s - _age(status, retained_at)
+            fresh_until = now + self.stale_after_s - _age(status, retained_at)
+            self._members[node] = (status, fresh_until)
         if node != self.me and self._member(before) != self._member(status):
             # One line per change, for the operator (and for tests to wait on).
             joined = "joined" if self._member(status) else "left"
             log.info("share group %s: %s %s", self.group, node, joined)
         if status is None:
-            self._fresh_until.pop(node, None)
             return []
         # A retained copy (resent as this node subscribes again, after a reconnect) may be from
         # before the alerts were held: only a status as it is published is a sign of life.
@@ -134,12 +133,11 @@ class GroupMembership:
         """The live members at `now` (time.monotonic()), this node always among them (it is
         running this code)."""
         nodes = [self.me]
-        # Copies: the metrics snapshot reads these from another thread (dict() is atomic).
-        fresh_until = dict(self._fresh_until)
-        for node, status in dict(self._members).items():
+        # A copy: the metrics snapshot reads this from another thread (dict() is atomic).
+        for node, (status, fresh_until) in dict(self._members).items():
             if node == self.me or status.group != self.group or status.state not in LIVE_STATES:
                 continue
-            if now > fresh_until.get(node, now):
+            if now > fresh_until:
                 continue
             nodes.append(node)
         return nodes
