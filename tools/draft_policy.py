@@ -27,7 +27,14 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
-from edged.engine.draft import DraftLength, DraftSettings, NgramIndex, PromptLookup, phrase_index
+from edged.engine.draft import (
+    DraftLength,
+    DraftSettings,
+    NgramIndex,
+    PromptLookup,
+    draft_room,
+    phrase_index,
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def replay_answer(
     done = take(tokens[0])
     while not done:
         # The runner holds the prompt and every token but the last taken one.
-        room = min(limits.capacity - (len(prompt) + taken - 1) - 1, max_new - taken - 1)
+        room = draft_room(limits.capacity, len(prompt) + taken - 1, max_new, taken)
         drafts = lookup.propose(min(room, policy.allowance())) if room >= 1 else []
         accepted = 0
         for draft in drafts:
@@ -148,14 +155,13 @@ def record(
         result = engine.generate(prompt, config)
         trace = result.speculation.trace if result.speculation else None
         answers.append(Answer(list(prompt), list(result.token_ids), list(trace or [])))
-    # As the engine tokenizes a phrase: after a space, mid-text (Engine._speculation).
-    phrase_ids = [list(engine.tokenizer.encode(" " + p.strip())) for p in phrases]
+    phrase_ids = [engine.phrase_ids(p) for p in phrases]
     return answers, phrase_ids, Limits(limits_new, capacity, frozenset(engine.eos_ids))
 
 
 def parse_settings(text: str) -> DraftSettings:
     """`min_ngram=2,max_ngram=6` over the defaults; an unknown name or a bad value is an error."""
-    names = {f.name: f.type for f in fields(DraftSettings)}
+    names = [f.name for f in fields(DraftSettings)]
     changes: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
@@ -171,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dialogues", type=int, default=30, help="held-out questions (30)")
     parser.add_argument("--offset", type=int, default=0, help="first question (0)")
     args = parser.parse_args(argv)
+    texts = args.settings or ["", "min_ngram=1"]
     try:
-        candidates = [parse_settings(s) for s in args.settings or ["", "min_ngram=1"]]
+        candidates = [parse_settings(s) for s in texts]
     except ValueError as exc:
         parser.error(str(exc))
     answers, phrases, limits = record(args.dialogues, args.offset, candidates[0])
@@ -182,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(len(a.tokens) for a in answers)
     print(f"{len(answers)} answers, {tokens} tokens; the replay reproduces the engine's trace")
     print(f"{'settings':40s} {'passes':>7s} {'tok/pass':>8s} {'drafted/pass':>12s} {'accept':>7s}")
-    for text, settings in zip(
-        args.settings or ["(defaults)", "min_ngram=1"], candidates, strict=True
-    ):
+    for text, settings in zip(texts, candidates, strict=True):
         s = summary(replay(answers, phrases, settings, limits))
         print(
             f"{text or '(defaults)':40s} {s['passes']:7d} {s['tokens_per_pass']:8.3f} "

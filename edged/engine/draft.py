@@ -131,6 +131,13 @@ class PromptLookup:
         return []
 
 
+def draft_room(capacity: int, cached: int, max_new: int, generated: int) -> int:
+    """Most tokens a draft may hold: a verification pass runs the token just chosen and its
+    drafts, which must fit in the KV cache (`capacity`, `cached` positions held) and in the
+    answer's cap (`max_new`, `generated` so far)."""
+    return min(capacity - cached - 1, max_new - generated - 1)
+
+
 def phrase_index(tokens: Sequence[int], settings: DraftSettings) -> NgramIndex:
     """A fixed phrase's index, built once and shared by every generation that drafts from it."""
     index = NgramIndex(settings)

@@ -381,6 +381,10 @@ class Engine:
             self.options = replace(self.options, speculation=None)
         return worst
 
+    def phrase_ids(self, text: str) -> list[int]:
+        """A draft phrase's token ids as an answer writes it: after a space, mid-text."""
+        return list(self.tokenizer.encode(" " + text.strip()))
+
     def _speculation(self, phrases: Sequence[str]) -> Speculation | None:
         """Drafting for one generation: the configured phrases (tokenized and indexed once),
         then the latest answers, newest first."""
@@ -389,9 +393,7 @@ class Engine:
             return None
         for text in phrases:
             if text not in self._phrases:
-                # As the answer writes it: after a space, mid-text.
-                ids = self.tokenizer.encode(" " + text.strip())
-                self._phrases[text] = phrase_index(ids, settings)
+                self._phrases[text] = phrase_index(self.phrase_ids(text), settings)
         indexes = [self._phrases[t] for t in phrases] + list(reversed(self._recent))
         return Speculation(settings, tuple(indexes))
 

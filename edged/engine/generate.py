@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edged.domain import FinishReason
-from edged.engine.draft import DraftLength, DraftSettings, DraftStats, NgramIndex, PromptLookup
+from edged.engine.draft import (
+    DraftLength,
+    DraftSettings,
+    DraftStats,
+    NgramIndex,
+    PromptLookup,
+    draft_room,
+)
 from edged.engine.runner import ContextFullError, GrowingKVRunner, KVSnapshot, SharedKVRunner
 from edged.engine.sampling import SamplingParams, select_token
 from edged.engine.text import ReasoningState, find_stop, holdback
@@ -324,8 +331,7 @@ class _DecodeLoop:
     def _drafts(self, runner: GrowingKVRunner | SharedKVRunner, max_new: int) -> list[int]:
         if self._lookup is None or self._draft_length is None:
             return []
-        # Room for the token itself and the drafts, in the cache and in the answer's cap.
-        room = min(runner.capacity - runner.length - 1, max_new - len(self.generated) - 1)
+        room = draft_room(runner.capacity, runner.length, max_new, len(self.generated))
         if room < 1:
             return []
         return self._lookup.propose(min(room, self._draft_length.allowance()))
