@@ -844,6 +844,7 @@ def run_speculative(
         prompt=prompt_ids(),
         llama="llama.cpp" in engines,
         genai="ort-genai" in engines,
+        rounds=args.rounds,
     )
     workload = bench_spec.run_workload(
         plan, lambda task, spec: run_task(task, spec, args.idle_wait), log
