@@ -28,14 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_worker import status_mb  # a sibling script: the tools directory is on sys.path
+
 CONFIGS = ("plain", "cold", "warm")
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 _MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -80,9 +75,9 @@ def worker(model: str, cache: str | None, threads: int, tokens: int) -> dict[str
     result = engine.chat(messages, GenerationConfig(max_new_tokens=tokens, ignore_eos=True))
     return {
         "load_s": round(load_s, 3),
-        "peak_rss_mb": round(_status_kib("VmHWM") / 1024, 1),
-        "rss_mb": round(_status_kib("VmRSS") / 1024, 1),
-        "anon_mb": round(_status_kib("RssAnon") / 1024, 1),
+        "peak_rss_mb": round(status_mb("VmHWM") or 0.0, 1),
+        "rss_mb": round(status_mb("VmRSS") or 0.0, 1),
+        "anon_mb": round(status_mb("RssAnon") or 0.0, 1),
         "load_heap_mb": round(load_heap, 1) if load_heap is not None else 0.0,
         # preallocated at load (so inside load_heap_mb) by the one-buffer-per-layer runner
         "kv_budget_mb": round(kv_budget, 1),

@@ -28,7 +28,9 @@ GENAI_TASKS = ("ort-genai", "genai-ngram")
 LLAMA_TASKS = ("llama.cpp", "llama-lookup")
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
+    """A memory field of this process's /proc/self/status (VmHWM, VmRSS, RssAnon) in MiB; None
+    where there is none (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -44,7 +46,7 @@ def peak_rss_mb() -> float:
     Not getrusage's ru_maxrss: Linux carries the parent's high-water mark across fork+exec,
     so a worker spawned by a parent that built a model would report the parent's peak.
     """
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     if peak is not None:
         return peak
     import resource
@@ -53,7 +55,7 @@ def peak_rss_mb() -> float:
 
 
 def rss_mb() -> float:
-    current = _status_mb("VmRSS")
+    current = status_mb("VmRSS")
     return float("nan") if current is None else current
 
 
