@@ -404,7 +404,6 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edged.config import ConfigError
-    from edged.config.loader import state_dir_problem
     from edged.service.runner import run_daemon
 
     try:
@@ -415,11 +414,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = resolved.config
     for warning in resolved.warnings:
         print(f"edged: warning: {warning}", file=sys.stderr)
-    # A state dir that cannot be used does not stop the start: the daemon serves degraded
-    # (edged.service.store_place) and `config check` / `edged doctor` report it.
-    problem = state_dir_problem(config.delivery.state_dir)
-    if problem is not None:
-        print(f"edged: error: {problem}; serving degraded", file=sys.stderr)
+    # A state dir that cannot be used does not stop the start: the daemon serves degraded and
+    # logs why, once, with where the answers go instead (edged.service.store_place); `config
+    # check` and `edged doctor` report it too.
     if args.verbose == 0:
         logging.getLogger().setLevel(config.log_level.upper())
     return run_daemon(config, load=lambda: _resolve(args).config)

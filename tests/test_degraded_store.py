@@ -121,7 +121,9 @@ def test_edged_run_on_an_unusable_state_dir_says_so_in_one_line_and_serves(
             lambda r: r.topic == STATUS and r.json().get("state") == "degraded", timeout=60
         )
         log = proc.log()
-        assert f"edged: error: delivery.state_dir = '{unusable}'" in log
+        [line] = [x for x in log.splitlines() if f"delivery.state_dir = '{unusable}'" in x]
+        assert "ERROR" in line and "serving degraded" in line
+        assert f"answered queries are stored in {tmp_path / 'run-edged'}" in line
         assert "Traceback" not in log
         assert json.loads(_ask(gateway, "q-run"))["id"] == "q-run"
     finally:
