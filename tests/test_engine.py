@@ -405,6 +405,29 @@ def test_parallelism_changes_mid_generation_without_reload_or_new_tokens() -> No
     )
 
 
+def _cpu_ms(threads: set[int]) -> float:
+    """User plus system CPU time the threads have used (/proc/self/task/<tid>/stat)."""
+    ticks = 0
+    for tid in threads:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_spinning_threads_give_the_cpu_back_when_a_generation_ends() -> None:
+    """`model.spin_threads`: the pool busy-waits between the ops of a step, not after the
+    model's work is done: an idle pool that spins takes a core from the MQTT thread (it went
+    on for about 50 ms of CPU after each generation)."""
+    engine = Engine.load(INT4, EngineOptions(threads=2, context_length=256, spin=True))
+    assert engine.cores.pool_threads, "the session's intra-op pool threads were found"
+    engine.generate(engine.render_chat(_messages()), LONG)
+    idle_from = _cpu_ms(engine.cores.pool_threads)
+    threading.Event().wait(0.3)
+    # Clock ticks are 10 ms here; a spinning thread burns tens of them in 0.3 s.
+    assert _cpu_ms(engine.cores.pool_threads) - idle_from <= 10
+
+
 @pytest.mark.parametrize(
     "forged",
     [

@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="inference threads (0 = all cores)")
     ap.add_argument("--max-tokens", type=int, default=512, help="tokens per load query")
     ap.add_argument("--warmup", type=int, default=20, help="untimed summaries before phase 1")
+    ap.add_argument(
+        "--spin",
+        action="store_true",
+        help="model.spin_threads: true (inference threads busy-wait; the default is off)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -233,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "node_id": "bench-alerts",
                 "mqtt": {"port": broker.port},
-                "model": {"path": str(args.model), "threads": args.threads, "context_length": 1024},
+                "model": {
+                    "path": str(args.model),
+                    "threads": args.threads,
+                    "context_length": 1024,
+                    "spin_threads": args.spin,
+                },
                 "limits": {"max_tokens_cap": max(512, args.max_tokens)},
                 "delivery": {"state_dir": state},
                 "clinical": {"alert_cooldown_s": 0},
@@ -280,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "model": info.name,
         "threads": info.threads,
+        "spin_threads": args.spin,
         "rate_per_s": args.rate,
         "idle": {
             **_summary(idle["latencies_ms"]),
@@ -303,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     report["verdict"] = "PASS" if p99 < TARGET_P99_MS and lost == 0 else "FAIL"
 
     print(
-        f"model {report['model']}, {report['threads']} inference threads, "
+        f"model {report['model']}, {report['threads']} inference threads"
+        f"{' (spinning)' if args.spin else ''}, "
         f"{args.rate:g} alerting summaries/s, {args.count} per phase"
     )
     print(

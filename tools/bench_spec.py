@@ -91,11 +91,12 @@ def _tally(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
 
 
 def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
-    """Part 1, in the project's environment. One engine at a time: with a second session in
-    the process, its idle pool's threads spin after each of its answers (intra-op spinning is
-    on when the threads take every core) and took a quarter of the other's speed here (plain
-    decode of the same 30 answers, three pairs of processes: 2,866 against 2,113 tok/s). The
-    daemon runs one session."""
+    """Part 1, in the project's environment. One engine at a time: until the engine's
+    spinning threads stopped at the end of each step (`session.force_spinning_stop`), a second
+    session's pool spun on after each of its answers and took a quarter of the other's speed
+    here (plain decode of the same 30 answers, three pairs of processes: 2,866 against 2,113
+    tok/s), which made the plain answers slow and the speedup look larger. One at a time keeps
+    the measurement clear of whatever else a second session would do."""
     import gc
 
     from edged.config.models import ClinicalConfig
