@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 from packaging.version import Version
 
@@ -406,12 +407,10 @@ def test_parallelism_changes_mid_generation_without_reload_or_new_tokens() -> No
 
 
 def _cpu_ms(threads: set[int]) -> float:
-    """User plus system CPU time the threads have used (/proc/self/task/<tid>/stat)."""
-    ticks = 0
-    for tid in threads:
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time the threads have used, in ms."""
+    used = [t for t in psutil.Process().threads() if t.id in threads]
+    assert len(used) == len(threads), "every thread is still running"
+    return sum(t.user_time + t.system_time for t in used) * 1000
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")

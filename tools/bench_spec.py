@@ -556,13 +556,18 @@ def _round_ratios(parts: dict[str, Any]) -> dict[str, float | None]:
     plain rates' ratio)."""
     edged = parts["demo"]["edged"]
     out: dict[str, float | None] = {"spec_speedup": edged["speedup"]}
-    for key, part in (("llamacpp_lookup", "llama_lookup"), ("genai_ngram", "genai_ngram")):
+    for engine, part, drafting in (
+        ("llamacpp", "llama_lookup", "lookup"),
+        ("genai", "genai_ngram", "ngram"),
+    ):
         result = parts.get(part) or {"error": "not run"}
         settings = result.get("settings", {})
         best = _best(settings)
-        out[f"spec_vs_{key}"] = edged["spec_tps"] / best[1]["decode_tps"] if best else None
+        out[f"spec_vs_{engine}_{drafting}"] = (
+            edged["spec_tps"] / best[1]["decode_tps"] if best else None
+        )
         plain = settings.get("plain", {}).get("decode_tps")
-        out[f"plain_vs_{key.split('_')[0]}"] = edged["plain_tps"] / plain if plain else None
+        out[f"plain_vs_{engine}"] = edged["plain_tps"] / plain if plain else None
     return out
 
 
