@@ -100,26 +100,15 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
     import gc
 
     from edged.config.models import ClinicalConfig
-    from edged.engine import Engine, EngineOptions, GenerationConfig
-    from edged.engine.draft import DraftSettings
+    from edged.engine import GenerationConfig
     from edged.eval.datasets import DEFAULT_FILES, load
     from edged.models import DEMO_MODEL
     from edged.service.worker import draft_phrases
 
-    def loaded(**options: Any) -> Any:
-        return Engine.load(
-            DEMO_MODEL, EngineOptions(threads=spec["threads"], context_length=1024, **options)
-        )
-
-    def warmed(engine: Any) -> Any:
-        engine.generate(prompts[0][:32], GenerationConfig(max_new_tokens=4, speculate=False))
-        engine.forget_last_answer()  # the warm-up is no earlier answer
-        return engine
-
-    engine = loaded()
+    engine = _demo_engine(spec["threads"])
     rows = load([DEFAULT_FILES[0]])[: spec["dialogues"]]
     prompts = [engine.render_chat(r.data["messages"][:2], enable_thinking=False) for r in rows]
-    warmed(engine)
+    _warm(engine, prompts[0])
     if engine.options.speculation is None:
         raise RuntimeError(f"speculation is off on this CPU ({engine.speculation_checked})")
     max_new = spec["max_new_tokens"]
@@ -138,13 +127,7 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
     settings, checked, eos = engine.options.speculation, engine.speculation_checked, engine.eos_ids
     del engine
     gc.collect()  # its session, and with it its threads, before the next one starts
-    lookup_only = warmed(loaded(speculation=DraftSettings(recent_answers=0)))
-    lookup = GenerationConfig(max_new_tokens=max_new)
-    # Its own plain answers, next to its speculative ones: seconds apart, not a phase apart.
-    lookup_pairs = [
-        (lookup_only.generate(prompt, plain_config), lookup_only.generate(prompt, lookup))
-        for prompt in prompts
-    ]
+    lookup_pairs = _lookup_only_pairs(spec, prompts, plain_config)
     return {
         "model": str(DEMO_MODEL),
         "dialogues": len(prompts),
@@ -156,6 +139,35 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
         "prompts": prompts,
         "eos": sorted(eos),
     }
+
+
+def _demo_engine(threads: int, **options: Any) -> Any:
+    from edged.engine import Engine, EngineOptions
+    from edged.models import DEMO_MODEL
+
+    return Engine.load(DEMO_MODEL, EngineOptions(threads=threads, context_length=1024, **options))
+
+
+def _warm(engine: Any, prompt: list[int]) -> None:
+    from edged.engine import GenerationConfig
+
+    engine.generate(prompt[:32], GenerationConfig(max_new_tokens=4, speculate=False))
+    engine.forget_last_answer()  # the warm-up is no earlier answer
+
+
+def _lookup_only_pairs(
+    spec: dict[str, Any], prompts: list[list[int]], plain_config: Any
+) -> list[tuple[Any, Any]]:
+    """(plain, speculative) answers of an engine of its own that drafts from the prompt alone
+    (no phrases, no earlier answers): what llama.cpp's and onnxruntime-genai's lookups see.
+    Each prompt's two answers come seconds apart, not a phase apart."""
+    from edged.engine import GenerationConfig
+    from edged.engine.draft import DraftSettings
+
+    engine = _demo_engine(spec["threads"], speculation=DraftSettings(recent_answers=0))
+    _warm(engine, prompts[0])
+    lookup = GenerationConfig(max_new_tokens=spec["max_new_tokens"])
+    return [(engine.generate(p, plain_config), engine.generate(p, lookup)) for p in prompts]
 
 
 def _replay_pass(runner: Any, token: int, drafted: int, accepted: int) -> int:
