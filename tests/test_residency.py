@@ -1,15 +1,17 @@
-"""The weights' pages onnxruntime read once at load are given back, and nothing changes for it."""
+"""The weights' pages onnxruntime read once at load are given back, during the load and after it,
+and nothing changes for it."""
 
 from __future__ import annotations
 
 import mmap
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from edged.engine import Engine, EngineOptions, GenerationConfig
-from edged.engine.residency import drop_clean_pages, mappings_of
+from edged.engine.residency import LoadPager, drop_clean_pages, mappings_of, page_out
 from edged.models import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
@@ -52,3 +54,45 @@ def test_a_loaded_engine_keeps_little_of_its_weights_file_resident() -> None:
     first = engine.generate(prompt, GenerationConfig(max_new_tokens=24))
     again = engine.generate(prompt, GenerationConfig(max_new_tokens=24))
     assert first.completion_tokens > 0 and first.token_ids == again.token_ids
+
+
+def _maps() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+def test_page_out_reclaims_a_read_mapping_and_it_reads_back_the_same(tmp_path: Path) -> None:
+    data = bytes(range(256)) * (4 << 10)  # 1 MiB
+    path = tmp_path / "weights.data"
+    path.write_bytes(data)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+        assert view[:] == data and _resident_kb(path) >= 1000
+        assert page_out(mappings_of(path.resolve(), _maps()))
+        assert _resident_kb(path) < 100
+        assert view[:] == data  # read again from the file
+
+
+def test_page_out_never_loses_what_was_written(tmp_path: Path) -> None:
+    """The pager acts on a snapshot of the mappings that may be stale: a range onnxruntime has
+    unmapped may be the heap's by then. Reclaiming must keep what memory holds, as MADV_PAGEOUT
+    does and MADV_DONTNEED (which hands back the file's bytes, or zeros) does not."""
+    path = tmp_path / "scratch.data"
+    path.write_bytes(bytes(1 << 20))
+    with path.open("r+b") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as view:
+        view[0:4] = b"edge"
+        assert page_out(mappings_of(path.resolve(), _maps()))
+        assert view[0:4] == b"edge"
+
+
+def test_the_load_pager_pages_out_while_it_runs_and_stops_after(tmp_path: Path) -> None:
+    path = tmp_path / "weights.data"
+    path.write_bytes(bytes(range(256)) * (16 << 10))  # 4 MiB
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+        with LoadPager([path], interval_s=0.01) as pager:
+            _ = view[:]  # onnxruntime reading a tensor to repack it
+            deadline = time.monotonic() + 10
+            while _resident_kb(path) > 100 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _resident_kb(path) <= 100 and pager.passes >= 1
+        assert not pager.running, "the pager stops with the load"
+        _ = view[:]
+        assert _resident_kb(path) >= 4000

@@ -37,7 +37,7 @@ from edged.engine.generate import (
 from edged.engine.graph import GraphLayout, inspect_graph
 from edged.engine.manifest import ModelDirError, ModelManifest, load_manifest
 from edged.engine.parallelism import CoreLimiter, created_threads
-from edged.engine.residency import drop_clean_pages
+from edged.engine.residency import LoadPager, drop_clean_pages
 from edged.engine.runner import SharedKVRunner, make_runner
 from edged.engine.tokenizer import ChatTokenizer, Message
 
@@ -154,16 +154,25 @@ def _open_session(
                 return cached, pool
         if prepacked.has_room(cache, graph.parent, manifest):
             try:
-                return created_threads(
-                    lambda: prepacked.write_copy(
-                        entry, lambda o: _session(graph, o), fresh(), manifest
+                with LoadPager(weight_files(graph)):
+                    return created_threads(
+                        lambda: prepacked.write_copy(
+                            entry, lambda o: _session(graph, o), fresh(), manifest
+                        )
                     )
-                )
             except Exception as exc:  # noqa: BLE001 - a full or read-only disk, or onnxruntime
                 # failing to save, costs the cache, not the start: the original graph loads
                 # below, and a graph that cannot load at all fails there with its own error.
                 log.warning("prepacked cache: cannot write under %s: %s", cache, exc)
-    return created_threads(lambda: _session(graph, fresh()))
+    # The pager's thread starts before created_threads lists the threads there are, so it is
+    # never taken for one of the pool's.
+    with LoadPager(weight_files(graph)):
+        return created_threads(lambda: _session(graph, fresh()))
+
+
+def weight_files(graph: Path) -> list[Path]:
+    """The graph's external data files (`model.onnx.data`, or split ones)."""
+    return sorted(graph.parent.glob(f"{graph.name}.data*"))
 
 
 class Engine:
@@ -230,7 +239,7 @@ class Engine:
         engine = cls(model_dir, manifest, tokenizer, session, layout, options, threads)
         engine.cores = CoreLimiter.for_this_process(pool, options.preferred_cores)
         engine.speculation_checked = engine._check_speculation()
-        released = sum(drop_clean_pages(f) for f in model_dir.glob(f"{graph.name}.data*"))
+        released = sum(drop_clean_pages(f) for f in weight_files(graph))
         log.debug("released %d MB of mapped weights the graph no longer reads", released >> 10)
         log.info(
             "model %s loaded in %.2f s: %s layout, %d layers, %d threads, context %d",
