@@ -205,7 +205,8 @@ class SharedKVRunner(_RunnerBase):
     def verify(self, ids: Sequence[int]) -> np.ndarray:
         """Run `ids` in one pass and return the logits after each of them, shape (len(ids),
         vocab): row i predicts the token that follows ids[: i + 1]. Speculative decoding
-        checks drafted tokens with it; `rewind` then drops the ones the model did not accept."""
+        checks drafted tokens with it; `rewind` then drops the ones the model did not accept.
+        Up to VERIFY_ROWS rows are a view of a reused buffer, valid until the next `verify`."""
         n = len(ids)
         self._check_room(n)
         keep = self.layout.logits_keep_input
@@ -225,7 +226,7 @@ class SharedKVRunner(_RunnerBase):
             self._bind_keep(1)  # plain steps and prefill: the last position
         self.length += n
         if rows is not None and self._rows_logits is not None:
-            return self._rows_logits[0, :n]  # a view, valid until the next verify (as `forward`'s)
+            return self._rows_logits[0, :n]
         logits = io.get_outputs()[-1].numpy()
         return np.asarray(logits[0, -n:], dtype=np.float32)
 
