@@ -137,3 +137,58 @@ def _the_pager_runs(path: Path) -> None:
         assert not pager.running, "the pager stops with the load"
         _ = view[:]
         assert _resident_kb(path) >= 4000
+
+
+def _rss_kb_at(address: int) -> int:
+    """Resident kB of the mapping that holds `address`."""
+    size = 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            size = -1 if start <= address < end else 0
+        elif size == -1 and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+_AFTER_A_LOAD = """
+import ctypes, json, sys
+import numpy as np
+from tests.test_residency import _rss_kb_at
+from edged.engine.runner import lazy_zeros
+
+# The heap as a model load leaves it: once an mmapped block is freed, glibc serves blocks up to
+# its size (at most 32 MiB) from the heap, and the heap holds freed memory with data in it.
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(16 << 20))
+blocks = [libc.malloc(1 << 20) for _ in range(64)]
+for b in blocks:
+    ctypes.memset(b, 1, 1 << 20)
+for b in blocks[:-1]:
+    libc.free(b)
+buf = lazy_zeros((1, 8, 1024, 128), np.float32)  # 4 MiB: a Qwen3 layer's keys, context 1024
+before = _rss_kb_at(buf.ctypes.data)
+buf[0, :, :100, :] = 1.0  # 100 positions of each head: 400 KiB
+print(json.dumps([before, _rss_kb_at(buf.ctypes.data), bool(buf[0, :, 100:, :].any())]))
+"""
+
+
+def test_a_kv_buffer_is_resident_only_as_far_as_it_is_written() -> None:
+    """The KV cache is sized for the whole context, and an answer writes a few hundred
+    positions. np.zeros took such buffers from malloc's heap after a load, which zeroes reused
+    memory by writing it: a context's worth was resident from the start (Qwen3-0.6B, context
+    1024: 154 of 224 MB after a 320-token answer, which writes 72). In a process of its own,
+    whose heap is left as a load leaves it."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", _AFTER_A_LOAD], cwd=repo, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    before, written, stale = json.loads(out.stdout)
+    assert before < 100 and written < 1000 and not stale, (before, written, stale)
