@@ -141,13 +141,13 @@ def _the_pager_runs(path: Path) -> None:
 
 def _rss_kb_at(address: int) -> int:
     """Resident kB of the mapping that holds `address`."""
-    size = 0
+    inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
             start, end = (int(x, 16) for x in head.split("-"))
-            size = -1 if start <= address < end else 0
-        elif size == -1 and line.startswith("Rss:"):
+            inside = start <= address < end
+        elif inside and line.startswith("Rss:"):
             return int(line.split()[1])
     raise AssertionError(f"no mapping holds {address:#x}")
 
