@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,23 +140,26 @@ def _the_pager_runs(path: Path) -> None:
         assert _resident_kb(path) >= 4000
 
 
-def _rss_kb_at(address: int) -> int:
-    """Resident kB of the mapping that holds `address`."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
-            start, end = (int(x, 16) for x in head.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith("Rss:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
+def _resident_kb_of(buf: Any) -> int:
+    """Resident kB of the pages under a numpy array's data (mincore). Not its mapping's Rss:
+    the kernel merges neighbouring anonymous mappings, so the mapping may also hold the
+    interpreter's own memory."""
+    import ctypes
+
+    page = mmap.PAGESIZE
+    start = buf.ctypes.data - buf.ctypes.data % page
+    pages = -(-(buf.ctypes.data + buf.nbytes - start) // page)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(start, pages * page, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * page // 1024
 
 
 _AFTER_A_LOAD = """
 import ctypes, json, sys
 import numpy as np
-from tests.test_residency import _rss_kb_at
+from tests.test_residency import _resident_kb_of
 from edged.engine.runner import lazy_zeros
 
 # The heap as a model load leaves it: once an mmapped block is freed, glibc serves blocks up to
@@ -170,9 +174,9 @@ for b in blocks:
 for b in blocks[:-1]:
     libc.free(b)
 buf = lazy_zeros((1, 8, 1024, 128), np.float32)  # 4 MiB: a Qwen3 layer's keys, context 1024
-before = _rss_kb_at(buf.ctypes.data)
+before = _resident_kb_of(buf)
 buf[0, :, :100, :] = 1.0  # 100 positions of each head: 400 KiB
-print(json.dumps([before, _rss_kb_at(buf.ctypes.data), bool(buf[0, :, 100:, :].any())]))
+print(json.dumps([before, _resident_kb_of(buf), bool(buf[0, :, 100:, :].any())]))
 """
 
 
