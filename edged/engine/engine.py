@@ -279,6 +279,9 @@ class Engine:
             self.clear_prefix_cache()
             return
         with self._lock:
+            # Dropped first: the runner then need not save the old prefix's KV before the new
+            # one's prefill writes over it (it holds prefixes weakly).
+            self._prefix = None
             runner = self._runner
             runner.reset()
             prefill(runner, ids, self.options.prefill_chunk)
