@@ -42,7 +42,9 @@ from typing import Any
 
 import psutil
 
+from edged.config import EdgedConfig
 from edged.config.loader import parse_config
+from edged.engine import BackendInfo
 from edged.models import TINY_QWEN3_INT4
 from edged.service.broker import PrivateBroker
 from edged.service.daemon import Daemon
@@ -217,7 +219,7 @@ def _phase(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=BUNDLED)
     ap.add_argument("--count", type=int, default=400, help="alerting summaries per phase")
@@ -231,25 +233,62 @@ def main(argv: list[str] | None = None) -> int:
         help="model.spin_threads: true (inference threads busy-wait; the default is off)",
     )
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _daemon_config(args: argparse.Namespace, port: int, state_dir: str) -> EdgedConfig:
+    return parse_config(
+        {
+            "node_id": "bench-alerts",
+            "mqtt": {"port": port},
+            "model": {
+                "path": str(args.model),
+                "threads": args.threads,
+                "context_length": 1024,
+                "spin_threads": args.spin,
+            },
+            "limits": {"max_tokens_cap": max(512, args.max_tokens)},
+            "delivery": {"state_dir": state_dir},
+            "clinical": {"alert_cooldown_s": 0},
+        }
+    )
+
+
+def _busy_phase(
+    daemon: Daemon, args: argparse.Namespace, port: int, broker_pid: int | None
+) -> tuple[dict[str, Any], float]:
+    """The gateway run while the daemon generates; with the share of the phase (sampled from
+    its scheduler) during which a generation was actually running."""
+    stop = threading.Event()
+    busy_samples: list[bool] = []
+    loader = threading.Thread(target=_keep_generating, args=(port, stop, args.max_tokens))
+    loader.start()
+    deadline = time.monotonic() + 30
+    while not daemon.metrics().running and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def sample() -> None:
+        while not stop.is_set():
+            busy_samples.append(daemon.metrics().running)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _say(f"busy phase: the same while the daemon generates {args.max_tokens}-token answers")
+    busy = _phase(port, args.count, args.rate, "busy", broker_pid)
+    stop.set()
+    sampler.join()
+    loader.join()
+    return busy, sum(busy_samples) / max(1, len(busy_samples))
+
+
+def _run_phases(
+    args: argparse.Namespace,
+) -> tuple[BackendInfo, dict[str, Any], dict[str, Any], float]:
+    """The daemon on a private broker: warm-up, idle phase, busy phase. Returns the model's
+    info, the idle and busy results and the busy phase's generation-running fraction."""
     with PrivateBroker() as broker, tempfile.TemporaryDirectory() as state:
-        config = parse_config(
-            {
-                "node_id": "bench-alerts",
-                "mqtt": {"port": broker.port},
-                "model": {
-                    "path": str(args.model),
-                    "threads": args.threads,
-                    "context_length": 1024,
-                    "spin_threads": args.spin,
-                },
-                "limits": {"max_tokens_cap": max(512, args.max_tokens)},
-                "delivery": {"state_dir": state},
-                "clinical": {"alert_cooldown_s": 0},
-            }
-        )
-        daemon = Daemon(config)
+        daemon = Daemon(_daemon_config(args, broker.port, state))
         daemon.start()
         daemon.wait_ready(10)
         assert daemon.backend is not None, "the model did not load"
@@ -260,59 +299,51 @@ def main(argv: list[str] | None = None) -> int:
                 _phase(broker.port, args.warmup, args.rate, "warmup")
             _say(f"idle phase: {args.count} alerting summaries at {args.rate:g}/s")
             idle = _phase(broker.port, args.count, args.rate, "idle", broker_pid)
-            stop = threading.Event()
-            busy_samples: list[bool] = []
-            loader = threading.Thread(
-                target=_keep_generating, args=(broker.port, stop, args.max_tokens)
-            )
-            loader.start()
-            deadline = time.monotonic() + 30
-            while not daemon.metrics().running and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-            def sample() -> None:
-                while not stop.is_set():
-                    busy_samples.append(daemon.metrics().running)
-                    time.sleep(0.01)
-
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            _say(f"busy phase: the same while the daemon generates {args.max_tokens}-token answers")
-            busy = _phase(broker.port, args.count, args.rate, "busy", broker_pid)
-            stop.set()
-            sampler.join()
-            loader.join()
+            busy, busy_fraction = _busy_phase(daemon, args, broker.port, broker_pid)
         finally:
             daemon.stop()
+    return info, idle, busy, busy_fraction
 
-    busy_fraction = sum(busy_samples) / max(1, len(busy_samples))
-    report = {
+
+def _phase_report(result: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One phase's part of the report; `extra` goes before the CPU and stall figures."""
+    return {
+        **_summary(result["latencies_ms"]),
+        "sent": result["sent"],
+        "received": result["received"],
+        **(extra or {}),
+        "others_cpu_pct": result["others_cpu_pct"],
+        "worst_stall": worst_stall(result["latencies_ms"]),
+    }
+
+
+def _report(
+    args: argparse.Namespace,
+    info: BackendInfo,
+    idle: dict[str, Any],
+    busy: dict[str, Any],
+    busy_fraction: float,
+) -> dict[str, Any]:
+    """The JSON report, with its PASS/FAIL verdict."""
+    report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "model": info.name,
         "threads": info.threads,
         "spin_threads": args.spin,
         "rate_per_s": args.rate,
-        "idle": {
-            **_summary(idle["latencies_ms"]),
-            "sent": idle["sent"],
-            "received": idle["received"],
-            "others_cpu_pct": idle["others_cpu_pct"],
-            "worst_stall": worst_stall(idle["latencies_ms"]),
-        },
-        "during_generation": {
-            **_summary(busy["latencies_ms"]),
-            "sent": busy["sent"],
-            "received": busy["received"],
-            "generation_running_fraction": round(busy_fraction, 3),
-            "others_cpu_pct": busy["others_cpu_pct"],
-            "worst_stall": worst_stall(busy["latencies_ms"]),
-        },
+        "idle": _phase_report(idle),
+        "during_generation": _phase_report(
+            busy, {"generation_running_fraction": round(busy_fraction, 3)}
+        ),
         "target_p99_ms": TARGET_P99_MS,
     }
     p99 = report["during_generation"].get("p99_ms", float("inf"))
     lost = busy["sent"] - busy["received"] + idle["sent"] - idle["received"]
     report["verdict"] = "PASS" if p99 < TARGET_P99_MS and lost == 0 else "FAIL"
+    return report
 
+
+def _print_report(report: dict[str, Any], args: argparse.Namespace, busy_fraction: float) -> None:
     print(
         f"model {report['model']}, {report['threads']} inference threads"
         f"{' (spinning)' if args.spin else ''}, "
@@ -340,7 +371,15 @@ def main(argv: list[str] | None = None) -> int:
                 "network thread delays every alert queued behind it): the machine's, not the "
                 "daemon's. Compare the phases on a quiet machine."
             )
+    p99 = report["during_generation"].get("p99_ms", float("inf"))
     print(f"p99 during generation {p99:.2f} ms; target < {TARGET_P99_MS:g} ms: {report['verdict']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    info, idle, busy, busy_fraction = _run_phases(args)
+    report = _report(args, info, idle, busy, busy_fraction)
+    _print_report(report, args, busy_fraction)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["verdict"] == "PASS" else 1
