@@ -86,7 +86,7 @@ def _weights(path: Path, data: bytes) -> None:
 
 
 def _paged_out(path: Path, timeout: float = 10.0) -> bool:
-    """Page `path` out until little of it is resident, as the pager does every 50 ms: one
+    """Page `path` out until little of it is resident, as the pager does every 10 ms: one
     call can find a page busy (locked by writeback, or not yet on the LRU) and leave it.
     Seen once in a clean clone's test run: the whole 1 MiB file stayed after one call."""
     deadline = time.monotonic() + timeout
