@@ -142,6 +142,9 @@ def run_task(task: str, spec: dict[str, Any], idle_wait: float) -> dict[str, Any
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        # onnxruntime's and onnxruntime-genai's usage telemetry (the genai worker never
+        # imports edged, which sets this for its own processes).
+        ORT_DISABLE_TELEMETRY="1",
     )
     python = _interpreter(task, env)
     cmd = [python, str(WORKER_SCRIPT), "--worker"]

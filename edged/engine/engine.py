@@ -130,6 +130,9 @@ def session_options(threads: int, spin: bool) -> ort.SessionOptions:
 
 
 def _session(path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+    # ORT_DISABLE_TELEMETRY (edged/__init__.py) is the full opt-out; this covers a process that
+    # imported onnxruntime before edged, whose later events it still suppresses.
+    ort.disable_telemetry_events()
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
