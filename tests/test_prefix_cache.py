@@ -51,6 +51,11 @@ def test_a_cached_prefix_is_copied_out_only_before_a_prompt_overwrites_it() -> N
     assert np.array_equal(_answer_logits(runner), expected)
 
     runner.reset()
+    assert runner.release(0) > 0  # gives back the answer's pages, never the prefix's
+    runner.restore(prefix)
+    assert np.array_equal(_answer_logits(runner), expected)
+
+    runner.reset()
     runner.forward(list(range(300, 360)))  # another prompt writes over the prefix's positions
     assert prefix.values is not None and len(prefix.values) == len(runner.layout.past_names)
     runner.restore(prefix)

@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edged.engine import Engine, EngineOptions, GenerationConfig
 from edged.engine.residency import LoadPager, drop_clean_pages, mappings_of, page_out
+from edged.engine.runner import lazy_zeros, release_positions
 from edged.models import DEMO_MODEL
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
@@ -196,3 +198,45 @@ def test_a_kv_buffer_is_resident_only_as_far_as_it_is_written() -> None:
     assert out.returncode == 0, out.stderr
     before, written, stale = json.loads(out.stdout)
     assert before < 100 and written < 1000 and not stale, (before, written, stale)
+
+
+def test_released_positions_give_their_pages_back_and_the_rest_stay() -> None:
+    buf = lazy_zeros((1, 8, 1024, 128), np.float32)  # 512 bytes a position and head
+    buf[0, :, :600, :] = 1.0
+    assert 2300 < _resident_kb_of(buf) < 2500  # 8 heads x 600 positions
+    released = release_positions(buf, 100)
+    assert released >= 8 * 920 * 512  # each head's pages from position 104 (a page boundary) on
+    assert 350 < _resident_kb_of(buf) < 450
+    assert bool((buf[0, :, :100, :] == 1.0).all()) and not buf[0, :, 104:, :].any()
+    heap = np.ones((1, 8, 64, 128), np.float32)  # not a private mapping: nothing to release
+    assert release_positions(heap, 0) == 0 and bool((heap == 1.0).all())
+
+
+@pytest.mark.arm64
+def test_a_capped_answer_gives_back_what_longer_answers_wrote_beyond_the_cap() -> None:
+    """The governor caps the context when memory is tight; the pages earlier answers wrote
+    beyond the cap are released, and the capped answer is the same as on a fresh engine."""
+
+    def load() -> Engine:
+        return Engine.load(DEMO_MODEL, EngineOptions(threads=1, context_length=1024))
+
+    def resident_kb(engine: Engine) -> int:
+        return sum(_resident_kb_of(b) for b in engine._runner._buffers)  # type: ignore[union-attr]
+
+    engine = load()
+    engine.set_system_prompt("Answer as a careful nurse would.")
+    prompt = engine.render_chat(
+        [
+            {"role": "system", "content": "Answer as a careful nurse would."},
+            {"role": "user", "content": "My heart rate is 118 at rest. Should I worry?"},
+        ],
+        enable_thinking=False,
+    )
+    engine.generate(prompt, GenerationConfig(max_new_tokens=600, ignore_eos=True))
+    long_kb = resident_kb(engine)
+    capped = GenerationConfig(max_new_tokens=60, max_context=len(prompt) + 60)
+    answer = engine.generate(prompt, capped)
+    per_position = long_kb / (len(prompt) + 600)
+    assert resident_kb(engine) < per_position * (len(prompt) + 60) + 64 < long_kb / 3
+    assert answer.cached_tokens > 0
+    assert answer.token_ids == load().generate(prompt, capped).token_ids

@@ -180,6 +180,10 @@ def run_generation(
     runner.reset()
     cached = _restore_prefix(runner, prompt, prefix)
     limit = _context_limit(runner.capacity, len(prompt), config.max_context)
+    if limit < runner.capacity and isinstance(runner, SharedKVRunner):
+        # Capped (the governor, memory tight): what earlier, longer answers wrote beyond the
+        # cap is given back, not just left unwritten.
+        runner.release(limit)
 
     reason = stop_check() if stop_check else None
     if reason is not None:

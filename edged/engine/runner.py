@@ -63,6 +63,36 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The private mapping under a `lazy_zeros` array; None for np.zeros's fallback."""
+    base: object = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def release_positions(buffer: np.ndarray, start: int) -> int:
+    """Give the pages of a (batch 1, heads, positions, dim) `lazy_zeros` buffer that hold only
+    positions from `start` on back to the kernel; the bytes of the ranges released. A released
+    page reads as zeros and becomes resident again when a step writes it. Nothing is done for
+    np.zeros's fallback or where there is no MADV_DONTNEED."""
+    memory = _mapping_of(buffer)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if memory is None or advice is None:
+        return 0
+    _, heads, positions, dim = buffer.shape
+    row = dim * buffer.itemsize
+    page = mmap.PAGESIZE
+    released = 0
+    for head in range(heads):  # each head's positions are contiguous
+        lo = -(-(head * positions + start) * row // page) * page  # rounded up to a page
+        hi = (head + 1) * positions * row // page * page
+        if hi > lo:
+            memory.madvise(advice, lo, hi - lo)
+            released += hi - lo
+    return released
+
+
 def _ortvalue(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -318,6 +348,19 @@ class SharedKVRunner(_RunnerBase):
             snapshot.values = None
             self._resident = weakref.ref(snapshot)
         self.length = n
+
+    def release(self, keep: int) -> int:
+        """Give the memory of every position from `keep` on back to the kernel; the bytes of
+        the ranges released. What the cache holds stays: the positions below `length`, and the
+        resident prefix's. The buffers are sized for the whole context but resident only as
+        far as written, so without this one long answer kept its pages for the process's
+        life, and the governor's context cap under tight memory (GenerationConfig.max_context)
+        bounded what later answers wrote but freed nothing."""
+        held = self._held()
+        start = max(keep, self.length, held.length if held is not None else 0)
+        if start >= self.capacity:
+            return 0
+        return sum(release_positions(buf, start) for buf in self._buffers)
 
     def _held(self) -> KVSnapshot | None:
         return self._resident() if self._resident is not None else None
