@@ -233,18 +233,23 @@ def run_lookup(spec: dict[str, Any]) -> dict[str, Any]:
             spec, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)
         )
     eos, max_new = set(spec["eos"]), spec["max_new_tokens"]
-    tally = {name: {"tokens": 0, "decode_s": 0.0, "same_tokens": 0} for name in models}
+    tally: dict[str, dict[str, float | None]] = {
+        name: {"tokens": 0, "decode_s": 0.0, "same_tokens": 0} for name in models
+    }
     for prompt in spec["prompts"]:
         answers = {name: _answer(llm, prompt, max_new, eos) for name, llm in models.items()}
         for name, (tokens, seconds) in answers.items():
-            tally[name]["tokens"] += len(tokens) - 1
-            tally[name]["decode_s"] += seconds
-            tally[name]["same_tokens"] += int(tokens == answers["plain"][0])
+            row = tally[name]
+            row["tokens"] = (row["tokens"] or 0) + len(tokens) - 1
+            row["decode_s"] = (row["decode_s"] or 0.0) + seconds
+            row["same_tokens"] = (row["same_tokens"] or 0) + int(tokens == answers["plain"][0])
     for row in tally.values():
-        row["decode_tps"] = row["tokens"] / row["decode_s"] if row["decode_s"] else None
+        count, decode_s = row["tokens"] or 0, row["decode_s"] or 0.0
+        row["decode_tps"] = count / decode_s if decode_s else None
     plain = tally["plain"]["decode_tps"]
     for row in tally.values():
-        row["speedup"] = row["decode_tps"] / plain if plain and row["decode_tps"] else None
+        tps = row["decode_tps"]
+        row["speedup"] = tps / plain if plain and tps else None
     return {
         "prompts": len(spec["prompts"]),
         "extra_bufts": bool(spec.get("extra_bufts", True)),

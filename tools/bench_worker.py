@@ -63,8 +63,9 @@ def medians(runs: list[dict[str, float | None]]) -> dict[str, Any]:
     """The median of each field over repeated runs, and every run's value (`spread`)."""
     keys = [k for k in runs[0] if all(r[k] is not None for r in runs)]
     out: dict[str, Any] = {k: None for k in runs[0]}  # None: not measured
-    out.update({k: statistics.median(r[k] for r in runs) for k in keys})
-    out["spread"] = {k: [round(r[k], 2) for r in runs] for k in keys}
+    measured = {k: [v for r in runs if (v := r[k]) is not None] for k in keys}
+    out.update({k: statistics.median(values) for k, values in measured.items()})
+    out["spread"] = {k: [round(v, 2) for v in values] for k, values in measured.items()}
     return out
 
 
