@@ -17,6 +17,12 @@ def test_a_stall_is_the_longest_run_of_consecutive_late_alerts() -> None:
     assert bench_alerts.worst_stall([2.0, 3.0, 2.5])["alerts"] == 0
 
 
+def test_a_stall_from_the_first_alert_on_is_found() -> None:
+    """A machine busy as the phase starts delays the first alerts (seen: 493, 460, 427 ms...)."""
+    latencies = [493.0, 460.0, 427.0] + [2.0] * 27
+    assert bench_alerts.worst_stall(latencies) == {"alerts": 3, "first": 0, "max_ms": 493.0}
+
+
 def test_report_has_both_phases_with_foreign_cpu_and_stalls(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -192,7 +192,7 @@ def worst_stall(latencies: list[float]) -> dict[str, float | int]:
         return {"alerts": 0, "first": -1, "max_ms": 0.0}
     late = max(LATE_MS, 5 * statistics.median(latencies))
     best = (0, -1)
-    run_start, run_len = -1, 0
+    run_start, run_len = 0, 0  # a run may begin with the first alert
     for i, ms in enumerate(latencies):
         run_start, run_len = (run_start, run_len + 1) if ms > late else (i + 1, 0)
         if run_len > best[0]:
