@@ -51,7 +51,7 @@ arm64-check:
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check edged tools tests
 	$(VENV)/bin/ruff format --check edged tools tests
-	$(VENV)/bin/mypy edged
+	$(VENV)/bin/mypy edged tools
 	$(PY) -m pytest -q tests/test_architecture.py
 
 bench: $(VENV)/.dev

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def rss_mb() -> float:
     return float("nan") if current is None else current
 
 
-def medians(runs: list[dict[str, float | None]]) -> dict[str, Any]:
+def medians(runs: Sequence[Mapping[str, float | None]]) -> dict[str, Any]:
     """The median of each field over repeated runs, and every run's value (`spread`)."""
     keys = [k for k in runs[0] if all(r[k] is not None for r in runs)]
     out: dict[str, Any] = {k: None for k in runs[0]}  # None: not measured

@@ -190,7 +190,7 @@ def make_window(rng: random.Random, scenario: Scenario) -> list[Vitals]:
     window: list[Vitals] = []
     for i in reversed(range(count)):  # i = summaries before the latest
         fields = scenario.make(rng, i)
-        present = {
+        present: dict[str, Any] = {  # Vitals' optional fields, by name
             name: _stat(name, fields[name], rng, fields, plain)
             for name in _OPTIONAL
             if name in fields and (scenario.name == "rising_resting" or rng.random() > 0.12)
