@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from edged import models
+
+if TYPE_CHECKING:
+    from edged.engine.runner import SharedKVRunner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -74,3 +78,21 @@ def heldout_agreement(model_dir: Path, checkpoint: Path, dialogues: int = 8) -> 
         agree += int((mine == logits.argmax(-1).numpy()).sum())
         total += len(target)
     return agree / total
+
+
+def demo_runner(capacity: int) -> SharedKVRunner:
+    """The demo model's graph in a shared-KV runner of its own (one thread), below the engine:
+    for tests of what a runner does with its buffers."""
+    import onnxruntime as ort
+
+    from edged.engine.engine import session_options
+    from edged.engine.graph import inspect_graph
+    from edged.engine.manifest import load_manifest
+    from edged.engine.runner import SharedKVRunner, make_runner
+
+    manifest = load_manifest(models.DEMO_MODEL)
+    graph = str(models.DEMO_MODEL / manifest.graph_file)
+    session = ort.InferenceSession(graph, session_options(1, False), ["CPUExecutionProvider"])
+    runner = make_runner(session, inspect_graph(session, manifest, models.DEMO_MODEL), capacity)
+    assert isinstance(runner, SharedKVRunner)
+    return runner

@@ -9,27 +9,19 @@ import gc
 import weakref
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edged.engine import Engine, EngineOptions, GenerationConfig
-from edged.engine.engine import session_options
-from edged.engine.graph import inspect_graph
-from edged.engine.manifest import load_manifest
-from edged.engine.runner import SharedKVRunner, make_runner
+from edged.engine.runner import SharedKVRunner
 from edged.models import DEMO_MODEL
+from tests._models import demo_runner
 
 PREFIX = list(range(40, 80))
 QUESTION = list(range(120, 130))
 
 
 def _runner() -> SharedKVRunner:
-    manifest = load_manifest(DEMO_MODEL)
-    graph = str(DEMO_MODEL / manifest.graph_file)
-    session = ort.InferenceSession(graph, session_options(1, False), ["CPUExecutionProvider"])
-    runner = make_runner(session, inspect_graph(session, manifest, DEMO_MODEL), 256)
-    assert isinstance(runner, SharedKVRunner)
-    return runner
+    return demo_runner(256)
 
 
 def _answer_logits(runner: SharedKVRunner) -> np.ndarray:

@@ -269,18 +269,11 @@ def test_a_verification_pass_gives_each_rows_logits_in_and_beyond_the_reused_buf
     """A pass of up to VERIFY_ROWS tokens writes its logits into one reused buffer, a longer
     one into onnxruntime's; either way row i is the step after token i, and a shorter pass
     after a longer one shows nothing of the longer one's rows."""
-    import onnxruntime as ort
+    from edged.engine.engine import BATCH_TOLERANCE
+    from edged.engine.runner import VERIFY_ROWS
+    from tests._models import demo_runner
 
-    from edged.engine.engine import BATCH_TOLERANCE, session_options
-    from edged.engine.graph import inspect_graph
-    from edged.engine.manifest import load_manifest
-    from edged.engine.runner import VERIFY_ROWS, SharedKVRunner, make_runner
-
-    manifest = load_manifest(DEMO_MODEL)
-    graph = str(DEMO_MODEL / manifest.graph_file)
-    session = ort.InferenceSession(graph, session_options(1, False), ["CPUExecutionProvider"])
-    runner = make_runner(session, inspect_graph(session, manifest, DEMO_MODEL), 512)
-    assert isinstance(runner, SharedKVRunner)
+    runner = demo_runner(512)
     prompt = list(range(40, 90))
     runner.forward(prompt)
     runner.verify(list(range(200, 200 + VERIFY_ROWS)))  # leaves other rows in the buffer

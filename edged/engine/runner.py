@@ -330,8 +330,8 @@ class SharedKVRunner(_RunnerBase):
         beyond `length`, so the snapshot's positions stay intact while every prompt starts
         with it (the daemon's system prompt), and are copied out only before a step would
         write over them. A second copy of the system prompt's KV had stayed resident for the
-        daemon's lifetime (Qwen3-1.7B, fp32 KV: 224 kB a token, 21 MB for the default
-        prompt's 95 tokens)."""
+        daemon's lifetime (Qwen3-1.7B, fp32 KV: 224 kB a token, 43 MB for the benchmark's
+        194-token system prompt)."""
         self._save_resident()
         snap = KVSnapshot(self.length, None)
         self._resident = weakref.ref(snap)
