@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from edged.engine.draft import (
+    AnswerWindow,
     DraftLength,
     DraftSettings,
-    NgramIndex,
+    NgramCounts,
     PromptLookup,
     draft_room,
-    phrase_index,
+    phrase_counts,
 )
 
 
@@ -57,16 +58,16 @@ class Limits:
 
 def replay_answer(
     answer: Answer,
-    indexes: Sequence[NgramIndex],
+    sources: Sequence[NgramCounts],
     settings: DraftSettings,
     limits: Limits,
 ) -> list[tuple[int, int]]:
     """The (drafted, accepted) trace `settings` would give while writing `answer.tokens`,
-    drafting from its prompt and `indexes` (phrases, then earlier answers, newest first), as
-    edged's decode loop does (generate.py, `_DecodeLoop`)."""
+    drafting from its prompt and `sources` (the phrases, the earlier answers), as edged's
+    decode loop does (generate.py, `_DecodeLoop`)."""
     tokens, prompt = answer.tokens, answer.prompt
     max_new = min(limits.max_new_tokens, limits.capacity - len(prompt))
-    lookup = PromptLookup(prompt, indexes, settings)
+    lookup = PromptLookup(prompt, sources, settings)
     policy = DraftLength(settings)
     trace: list[tuple[int, int]] = []
     taken = 0
@@ -106,14 +107,12 @@ def replay(
 ) -> list[list[tuple[int, int]]]:
     """Every answer's trace under `settings`, in order, each answer then kept among the
     earlier ones drafted from (the engine's window of `recent_answers`)."""
-    phrase_indexes = [phrase_index(p, settings) for p in phrases]
-    recent: deque[NgramIndex] = deque(maxlen=settings.recent_answers)
+    sources = [phrase_counts(phrases, settings)]
+    recent = AnswerWindow(settings)
     traces = []
     for answer in answers:
-        indexes = phrase_indexes + list(reversed(recent))
-        traces.append(replay_answer(answer, indexes, settings, limits))
-        if recent.maxlen and len(answer.tokens) > 1:
-            recent.append(phrase_index(answer.tokens, settings))
+        traces.append(replay_answer(answer, [*sources, recent.counts], settings, limits))
+        recent.add(answer.tokens)
     return traces
 
 
@@ -160,14 +159,18 @@ def record(
 
 
 def parse_settings(text: str) -> DraftSettings:
-    """`min_ngram=2,max_ngram=6` over the defaults; an unknown name or a bad value is an error."""
-    names = [f.name for f in fields(DraftSettings)]
-    changes: dict[str, int] = {}
+    """`min_ngram=2,min_share=0.6` over the defaults; an unknown name or a bad value is an
+    error."""
+    kinds = {f.name: type(getattr(DraftSettings(), f.name)) for f in fields(DraftSettings)}
+    changes: dict[str, Any] = {}  # each of its field's own type, int or float
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
-        if name not in names or not value.lstrip("-").isdigit():
-            raise ValueError(f"{item!r}: expected NAME=INTEGER, NAME one of {', '.join(names)}")
-        changes[name] = int(value)
+        try:
+            changes[name] = kinds[name](value)
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{item!r}: expected NAME=NUMBER, NAME one of {', '.join(kinds)}"
+            ) from None
     return replace(DraftSettings(), **changes)
 
 

@@ -7,7 +7,6 @@ One generation runs at a time (a lock enforces it); the board has too few cores 
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
@@ -22,7 +21,7 @@ import onnxruntime as ort
 
 from edged.engine import prepacked
 from edged.engine.backend import BackendInfo
-from edged.engine.draft import DraftSettings, NgramIndex, phrase_index
+from edged.engine.draft import AnswerWindow, DraftSettings, NgramCounts, phrase_counts
 from edged.engine.generate import (
     GenerationConfig,
     GenerationResult,
@@ -210,13 +209,10 @@ class Engine:
         self.speculation_checked: float | None = None
         """The probe's largest logit difference, batch against one at a time, relative (None:
         not checked, no speculation on this graph); above BATCH_TOLERANCE speculation is off."""
-        self._phrases: dict[str, NgramIndex] = {}
-        self._recent: collections.deque[NgramIndex] = collections.deque(
-            maxlen=options.speculation.recent_answers if options.speculation else 0
-        )
-        self._pushed_out: NgramIndex | None = None
-        """The answer the latest append pushed out of the full window (forget_last_answer
-        puts it back)."""
+        self._phrases: tuple[tuple[str, ...], NgramCounts] | None = None
+        """The latest generation's draft phrases, counted (the configured ones: the same for
+        every query until a reload changes them)."""
+        self._recent = AnswerWindow(options.speculation or DraftSettings(recent_answers=0))
         self.cores = CoreLimiter(set(), list(range(threads)))
         self.eos_ids = frozenset(manifest.eos_token_ids)
         reasoning = manifest.reasoning
@@ -357,12 +353,8 @@ class Engine:
                 between_steps=step,
                 speculation=self._speculation(config.draft_phrases),
             )
-            settings = self.options.speculation
-            self._pushed_out = None
-            if settings is not None and self._recent.maxlen and len(result.token_ids) > 1:
-                if len(self._recent) == self._recent.maxlen:
-                    self._pushed_out = self._recent[0]
-                self._recent.append(phrase_index(result.token_ids, settings))
+            if self.options.speculation is not None:
+                self._recent.add(result.token_ids)
             return result
 
     def forget_last_answer(self) -> None:
@@ -370,12 +362,7 @@ class Engine:
         benchmark that asks the same question twice, once without speculation, must not let
         the repeat serve as an earlier answer to draft the next question from."""
         with self._lock:
-            if self._recent:
-                self._recent.pop()
-            # Undo the append whole: with the window full it pushed the oldest answer out.
-            if self._pushed_out is not None:
-                self._recent.appendleft(self._pushed_out)
-                self._pushed_out = None
+            self._recent.forget_last()
 
     def _check_speculation(self) -> float | None:
         """Measure how far a verification pass's rows are from one step at a time, on this
@@ -414,16 +401,15 @@ class Engine:
         return list(self.tokenizer.encode(" " + text.strip()))
 
     def _speculation(self, phrases: Sequence[str]) -> Speculation | None:
-        """Drafting for one generation: the configured phrases (tokenized and indexed once),
-        then the latest answers, newest first."""
+        """Drafting for one generation: the configured phrases (tokenized and counted once)
+        and the latest answers."""
         settings = self.options.speculation
         if settings is None:
             return None
-        for text in phrases:
-            if text not in self._phrases:
-                self._phrases[text] = phrase_index(self.phrase_ids(text), settings)
-        indexes = [self._phrases[t] for t in phrases] + list(reversed(self._recent))
-        return Speculation(settings, tuple(indexes))
+        key = tuple(phrases)
+        if self._phrases is None or self._phrases[0] != key:
+            self._phrases = key, phrase_counts(map(self.phrase_ids, key), settings)
+        return Speculation(settings, (self._phrases[1], self._recent.counts))
 
     def chat(
         self,

@@ -19,7 +19,7 @@ from edged.engine.draft import (
     DraftLength,
     DraftSettings,
     DraftStats,
-    NgramIndex,
+    NgramCounts,
     PromptLookup,
     draft_room,
 )
@@ -106,11 +106,11 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class Speculation:
-    """The engine's drafting setup for one generation: settings, and indexes of text the
+    """The engine's drafting setup for one generation: settings, and counts of text the
     answer may copy besides its prompt (edged's own sentences, earlier answers)."""
 
     settings: DraftSettings
-    phrases: tuple[NgramIndex, ...] = ()
+    sources: tuple[NgramCounts, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ class _DecodeLoop:
 
     def enable_drafts(self, prompt: list[int], speculation: Speculation, trace: bool) -> None:
         settings = speculation.settings
-        self._lookup = PromptLookup(prompt, speculation.phrases, settings)
+        self._lookup = PromptLookup(prompt, speculation.sources, settings)
         self._draft_length = DraftLength(settings)
         self.stats = DraftStats(trace=[] if trace else None)
 
