@@ -87,9 +87,14 @@ def test_the_workload_runs_the_demo_model_once_per_round_and_keeps_the_first_tra
     assert calls == ["spec-demo", "spec-demo"]
     assert len(out["traces"]) == 2 and all(t["trace"] for t in out["traces"])
     assert "traces" not in out["demo"] and "prompts" not in out["demo"]
+    # Asked again after a full window of other questions' answers: the same questions.
+    window_full = out["demo"]["edged_window_full"]
+    assert window_full["tokens"] > 0 and window_full["passes"] > 0
     assert len(out["rounds"]) == 2
     speedups = sorted(r.pop("spec_speedup") for r in out["rounds"])
     assert all(value is None for r in out["rounds"] for value in r.values())  # none ran
     ratios = bench_spec.ratios(out)
     assert ratios["spec_speedup"] == round((speedups[0] + speedups[1]) / 2, 3)
+    assert ratios["spec_speedup_window_full"] == round(window_full["speedup"], 3)
+    assert "edged, demo model, window full" in bench_spec.table(out)
     assert ratios["spec_vs_genai_ngram"] is None and ratios["spec_replay_speedup"] is None
