@@ -41,6 +41,9 @@ def test_a_token_is_drafted_only_where_most_earlier_occurrences_agree_on_it() ->
     split = [1, 4, 5, 20, 21, 2, 4, 5, 10, 11, 3, 4, 5, 20, 21, 8, 4, 5]
     assert PromptLookup(split).propose(2) == []
     assert PromptLookup(split, settings=DraftSettings(min_share=0.6)).propose(2) == [20, 21]
+    # A tie, where min_share allows one, goes to the lowest id, whichever came first.
+    tie = [9, 4, 5, 30, 8, 4, 5, 20, 7, 4, 5]
+    assert PromptLookup(tie, settings=DraftSettings(min_share=0.5)).propose(1) == [20]
 
 
 def test_a_draft_stops_where_the_earlier_occurrences_part_ways() -> None:

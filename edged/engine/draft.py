@@ -228,8 +228,12 @@ class PromptLookup:
                 continue
             if isinstance(votes, int):
                 return votes  # one token seen once: all the votes there are
-            best = max(votes, key=votes.__getitem__)
-            return best if votes[best] >= settings.min_share * sum(votes.values()) else None
+            top = max(votes.values())
+            if top < settings.min_share * sum(votes.values()):
+                return None
+            # A tie (possible with min_share <= 0.5) goes to the lowest id, not to whichever
+            # source happened to count its token first.
+            return min(token for token, times in votes.items() if times == top)
         return None
 
 
