@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,30 @@ def _answer(llm: Any, prompt: list[int], max_new: int, eos: set[int]) -> tuple[l
     return tokens, last - first
 
 
+@dataclass
+class _Tally:
+    """One setting's answers, summed over the prompts."""
+
+    tokens: int = 0
+    decode_s: float = 0.0
+    same_tokens: int = 0
+    """Answers with the same tokens as plain decoding's."""
+
+    def add(self, tokens: list[int], seconds: float, plain: list[int]) -> None:
+        self.tokens += len(tokens) - 1
+        self.decode_s += seconds
+        self.same_tokens += int(tokens == plain)
+
+    @property
+    def decode_tps(self) -> float | None:
+        return self.tokens / self.decode_s if self.decode_s else None
+
+    def row(self, plain_tps: float | None) -> dict[str, Any]:
+        tps = self.decode_tps
+        speedup = tps / plain_tps if plain_tps and tps else None
+        return {**asdict(self), "decode_tps": tps, "speedup": speedup}
+
+
 def run_lookup(spec: dict[str, Any]) -> dict[str, Any]:
     """The speculative workload's llama.cpp side: the demo model's GGUF on the same prompts,
     decoded plainly and with llama-cpp-python's prompt lookup (`LlamaPromptLookupDecoding`)."""
@@ -233,28 +258,18 @@ def run_lookup(spec: dict[str, Any]) -> dict[str, Any]:
             spec, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)
         )
     eos, max_new = set(spec["eos"]), spec["max_new_tokens"]
-    tally: dict[str, dict[str, float | None]] = {
-        name: {"tokens": 0, "decode_s": 0.0, "same_tokens": 0} for name in models
-    }
+    tally = {name: _Tally() for name in models}
     for prompt in spec["prompts"]:
         answers = {name: _answer(llm, prompt, max_new, eos) for name, llm in models.items()}
         for name, (tokens, seconds) in answers.items():
-            row = tally[name]
-            row["tokens"] = (row["tokens"] or 0) + len(tokens) - 1
-            row["decode_s"] = (row["decode_s"] or 0.0) + seconds
-            row["same_tokens"] = (row["same_tokens"] or 0) + int(tokens == answers["plain"][0])
-    for row in tally.values():
-        count, decode_s = row["tokens"] or 0, row["decode_s"] or 0.0
-        row["decode_tps"] = count / decode_s if decode_s else None
-    plain = tally["plain"]["decode_tps"]
-    for row in tally.values():
-        tps = row["decode_tps"]
-        row["speedup"] = tps / plain if plain and tps else None
+            tally[name].add(tokens, seconds, plain=answers["plain"][0])
+    plain = tally["plain"].decode_tps
+    settings = {name: t.row(plain) for name, t in tally.items()}
     return {
         "prompts": len(spec["prompts"]),
         "extra_bufts": bool(spec.get("extra_bufts", True)),
         "omp_wait_policy": _omp_wait_policy(),
-        "settings": tally,
+        "settings": settings,
     }
 
 
