@@ -110,10 +110,7 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
 
     engine = _demo_engine(spec["threads"])
     rows = load([DEFAULT_FILES[0]])
-    prompts = [
-        engine.render_chat(r.data["messages"][:2], enable_thinking=False)
-        for r in rows[: spec["dialogues"]]
-    ]
+    prompts = [_asked(engine, row) for row in rows[: spec["dialogues"]]]
     _warm(engine, prompts[0])
     settings, checked, eos = engine.options.speculation, engine.speculation_checked, engine.eos_ids
     if settings is None:
@@ -134,7 +131,7 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
     # Then as a daemon that has been answering for a while: other held-out questions first,
     # as many as the window keeps, answered only to fill it.
     for row in rows[len(prompts) : len(prompts) + settings.recent_answers]:
-        engine.generate(engine.render_chat(row.data["messages"][:2], enable_thinking=False), full)
+        engine.generate(_asked(engine, row), full)
     window_full = _pairs(engine, prompts, full, plain_config)
     del engine
     gc.collect()  # its session, and with it its threads, before the next one starts
@@ -151,6 +148,11 @@ def run_demo(spec: dict[str, Any]) -> dict[str, Any]:
         "prompts": prompts,
         "eos": sorted(eos),
     }
+
+
+def _asked(engine: Any, row: Any) -> Any:
+    """A held-out dialogue's prompt as the daemon asks it: system prompt, vitals, question."""
+    return engine.render_chat(row.data["messages"][:2], enable_thinking=False)
 
 
 def _pairs(
